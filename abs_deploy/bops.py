@@ -1,0 +1,150 @@
+"""MACs and bit operations per layer (DESIGN §6).
+
+`BOPs(layer) = MACs * b_w * b_a`; full precision counts as 32x32. MACs are measured by running the
+model once on a zero input with hooks on every Conv2d/Linear, so any capturable model works.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+FP_BITS = 32
+
+
+@dataclass
+class LayerCost:
+    name: str
+    kind: str            # "conv" | "linear"
+    c_in: int
+    c_out: int
+    groups: int
+    kernel: int          # kh * kw (1 for Linear)
+    out_pixels: int      # H_out * W_out (1 for Linear)
+    macs: int
+
+    def macs_kept(self, out_kept: int | None = None, in_kept: int | None = None) -> int:
+        """MACs after pruning: output and input channels scale the count independently;
+        a depthwise conv loses one MAC chain per removed channel, so only `out_kept` matters."""
+        out_kept = self.c_out if out_kept is None else out_kept
+        if self.groups > 1 and self.groups == self.c_in:
+            return out_kept * self.kernel * self.out_pixels
+        in_kept = self.c_in if in_kept is None else in_kept
+        return out_kept * (in_kept // self.groups) * self.kernel * self.out_pixels
+
+
+@dataclass
+class LayerBops:
+    name: str
+    macs: int
+    w_bits: int
+    a_bits: int
+    bops: int
+    out_kept: int
+    c_out: int
+
+
+def layer_costs(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerCost]:
+    """Every Conv2d/Linear of `model` with its MACs, in execution order."""
+    costs: list[LayerCost] = []
+    names = {m: n for n, m in model.named_modules()}
+
+    def hook(module, inputs, output):
+        if isinstance(module, nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1]
+            pix = output.shape[-1] * output.shape[-2]
+            cost = LayerCost(names[module], "conv", module.in_channels, module.out_channels,
+                             module.groups, k, pix, 0)
+        else:
+            # Linear on a (N, ..., in) input: one dot product per leading position.
+            pix = output[0].numel() // module.out_features if output.dim() > 2 else 1
+            cost = LayerCost(names[module], "linear", module.in_features, module.out_features,
+                             1, 1, pix, 0)
+        cost.macs = cost.macs_kept()
+        costs.append(cost)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape[1:]))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return costs
+
+
+def default_bits(costs: list[LayerCost], w_bits: int, a_bits: int,
+                 edge_bits: int = 8) -> dict[str, tuple[int, int]]:
+    """Uniform bits with the first and last layer at `edge_bits` (the published convention)."""
+    bits = {c.name: (w_bits, a_bits) for c in costs}
+    if costs:
+        bits[costs[0].name] = (edge_bits, edge_bits)
+        bits[costs[-1].name] = (edge_bits, edge_bits)
+    return bits
+
+
+def bops_table(costs: list[LayerCost], bits: Mapping[str, tuple[int, int]] | None = None,
+               out_kept: Mapping[str, int] | None = None,
+               in_kept: Mapping[str, int] | None = None) -> list[LayerBops]:
+    """Per-layer BOPs. Layers absent from `bits` count as full precision (32x32)."""
+    bits, out_kept, in_kept = bits or {}, out_kept or {}, in_kept or {}
+    rows = []
+    for c in costs:
+        wb, ab = bits.get(c.name, (FP_BITS, FP_BITS))
+        macs = c.macs_kept(out_kept.get(c.name), in_kept.get(c.name))
+        rows.append(LayerBops(c.name, macs, wb, ab, macs * wb * ab,
+                              out_kept.get(c.name, c.c_out), c.c_out))
+    return rows
+
+
+def totals(rows: list[LayerBops]) -> dict[str, int]:
+    return {"macs": sum(r.macs for r in rows), "bops": sum(r.bops for r in rows)}
+
+
+def rows_as_dicts(rows: list[LayerBops]) -> list[dict]:
+    return [asdict(r) for r in rows]
+
+
+def parse_bops(text: str, fp_bops: float) -> float:
+    """A BOP target: a ratio of FP (`0.05`), a compression factor (`20x`) or a count (`35M`)."""
+    s = text.strip().lower().replace(",", "")
+    try:
+        if s.endswith("x"):
+            factor = float(s[:-1])
+            if factor <= 0:
+                raise ValueError
+            return fp_bops / factor
+        suffix = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+        if s and s[-1] in suffix:
+            return float(s[:-1]) * suffix[s[-1]]
+        value = float(s)
+    except ValueError:
+        raise ValueError(f"cannot read BOP target '{text}' (use 0.05, 20x, 35M or 1.2G)") from None
+    if value <= 0:
+        raise ValueError(f"BOP target must be positive, got '{text}'")
+    return value * fp_bops if value <= 1 else value
+
+
+def decision_bops(decision: Mapping[str, dict], arch: dict, input_shape: list[int]
+                  ) -> list[LayerBops]:
+    """Per-layer BOPs of a decision record: its bits, its kept outputs, and for each consumer the
+    inputs its producers kept (found from the float architecture's channel groups)."""
+    from abs_deploy import graph
+    from abs_deploy.models.registry import build_model
+
+    model = build_model(arch)
+    kept = {n: d["kept"] for n, d in decision.items()}
+    in_kept = {}
+    if any(len(k) < model.get_submodule(n).weight.shape[0] for n, k in kept.items()):
+        groups = graph.channel_groups(model, torch.zeros(input_shape))
+        in_kept = graph.input_kept(groups, kept)
+    return bops_table(layer_costs(model, tuple(input_shape)),
+                      {n: (d["w_bits"], d["a_bits"]) for n, d in decision.items()},
+                      out_kept={n: len(k) for n, k in kept.items()}, in_kept=in_kept)

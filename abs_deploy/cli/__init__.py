@@ -1,0 +1,17 @@
+"""The `abs` command group. Commands only parse, call the library and print."""
+
+from __future__ import annotations
+
+import click
+
+from abs_deploy.cli.train import bops_cmd, pretrain, search
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="abs-deploy")
+def main() -> None:
+    """abs-deploy: search per-layer bits and pruning, export integer ONNX, validate it."""
+
+
+for _cmd in (pretrain, search, bops_cmd):
+    main.add_command(_cmd)

@@ -1,0 +1,88 @@
+import hashlib
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from abs_deploy.data import load_dataset
+from abs_deploy.errors import UserError
+
+
+def test_digits_split_is_fixed_and_stratified(digits):
+    assert (len(digits.train_y), len(digits.val_y)) == (1437, 360)
+    counts = torch.bincount(digits.val_y, minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37
+    again = load_dataset("digits")
+    assert torch.equal(again.val_x, digits.val_x)
+
+
+def test_normalised_batches_have_zero_mean_unit_std(digits):
+    x = torch.cat([b for b, _ in digits.batches("train", 512)])
+    assert abs(x.mean().item()) < 1e-4 and abs(x.std().item() - 1) < 1e-3
+
+
+def test_shuffled_batches_are_deterministic_per_seed(digits):
+    a = next(digits.batches("train", 8, shuffle=True, seed=3))[1]
+    b = next(digits.batches("train", 8, shuffle=True, seed=3))[1]
+    c = next(digits.batches("train", 8, shuffle=True, seed=4))[1]
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_digits32_is_rgb_32x32_of_the_same_images():
+    d = load_dataset("digits32")
+    assert d.train_x.shape[1:] == (3, 32, 32) and len(d.val_y) == 360
+
+
+def _fake_cifar10(root):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+                 b"labels": [int(v) for v in rng.integers(0, 10, 4)]}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    return folder
+
+
+def test_cifar_with_wrong_md5_is_refused(tmp_path):
+    _fake_cifar10(tmp_path)
+    with pytest.raises(UserError, match="MD5"):
+        load_dataset("cifar10", str(tmp_path))
+
+
+def test_cifar_layout_reads_without_verification(tmp_path):
+    _fake_cifar10(tmp_path)
+    d = load_dataset("cifar10", str(tmp_path), verify=False)
+    assert d.train_x.shape == (20, 3, 32, 32) and d.train_x.dtype == torch.uint8
+    x, _ = next(d.batches("train", 8))
+    assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32
+
+
+def test_cifar_pickle_that_would_run_code_is_refused(tmp_path):
+    folder = _fake_cifar10(tmp_path)
+    (folder / "test_batch").write_bytes(pickle.dumps({b"data": _Evil(), b"labels": []}))
+    with pytest.raises(UserError, match="refused to load"):
+        load_dataset("cifar10", str(tmp_path), verify=False)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("ran",))
+
+
+def test_missing_cifar_files_are_named(tmp_path):
+    with pytest.raises(UserError, match="lacks data_batch_1"):
+        load_dataset("cifar10", str(tmp_path))
+
+
+def test_cifar_without_data_dir_says_so():
+    with pytest.raises(UserError, match="--data-dir"):
+        load_dataset("cifar100")
+
+
+def test_md5_table_is_checked_against_real_bytes(tmp_path):
+    # The check must hash file contents: equal bytes give the same digest.
+    p = tmp_path / "x"
+    p.write_bytes(b"abc")
+    assert hashlib.md5(p.read_bytes()).hexdigest() == "900150983cd24fb0d6963f7d28e17f72"
