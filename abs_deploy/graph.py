@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.export import ExportedProgram
 from torch.fx import Node
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree as pytree
 
 from abs_deploy.errors import UserError
@@ -464,8 +465,6 @@ class _Walk:
         self.state[node] = _Track(out, val.ndim - 1)
 
     def _batch_norm(self, node: Node) -> None:
-        from torch.nn.modules.batchnorm import _BatchNorm
-
         name = self._module(node, node.args[1:5], (_BatchNorm,))
         t = self._track(node.args[0])
         if name is None:
@@ -554,11 +553,14 @@ class _Walk:
         self.state[node] = _Track(t.gid, dim, t.hw)
 
     def _binary(self, node: Node, packet: object) -> None:
+        if len(node.args) != 2 or not isinstance(node.meta.get("val"), torch.Tensor):
+            self._opaque(node, f"unexpected arguments of {_op_name(node)} at node {node.name}")
+            return
         out_shape = node.meta["val"].shape
         n = len(out_shape)
         flows: list[_Track] = []  # tracked operands whose channels reach the output
         others: list[object] = []  # untracked operands: numbers or constant tensors
-        for i, arg in enumerate(node.args[:2]):
+        for i, arg in enumerate(node.args):
             t = self._track(arg)
             if t is None:
                 others.append(arg)

@@ -8,7 +8,7 @@ from abs_deploy import bops
 from abs_deploy.checkpoint import make_checkpoint
 from abs_deploy.data import Dataset
 from abs_deploy.models.registry import arch_record, build_model
-from abs_deploy.train import EpochLog, Progress, TrainConfig, evaluate, no_progress, train
+from abs_deploy.train import EpochLog, Progress, TrainConfig, evaluate, no_progress, set_seed, train
 
 
 def pretrain(model_name: str, data: Dataset, cfg: TrainConfig,
@@ -18,6 +18,7 @@ def pretrain(model_name: str, data: Dataset, cfg: TrainConfig,
     kwargs = {"num_classes": data.num_classes, "in_chans": data.input_shape[1],
               **(model_kwargs or {})}
     arch = arch_record(model_name, **kwargs)
+    set_seed(cfg.seed)   # before building: initial weights are part of the run
     model = build_model(arch)
     logs: list[EpochLog] = train(model, data, cfg, progress, on_epoch_end=on_epoch_end)
     top1 = evaluate(model, data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from abs_deploy.cli.demo import demo
 from abs_deploy.cli.train import bops_cmd, pretrain, search
 
 
@@ -13,5 +14,5 @@ def main() -> None:
     """abs-deploy: search per-layer bits and pruning, export integer ONNX, validate it."""
 
 
-for _cmd in (pretrain, search, bops_cmd):
+for _cmd in (pretrain, search, bops_cmd, demo):
     main.add_command(_cmd)

@@ -9,8 +9,15 @@ import click
 
 from abs_deploy import bops
 from abs_deploy.checkpoint import load_checkpoint, save_checkpoint
-from abs_deploy.cli.common import (CliError, data_dir_option, epoch_printer, fmt_count, guarded,
-                                   progress, train_options)
+from abs_deploy.cli.common import (
+    CliError,
+    data_dir_option,
+    epoch_printer,
+    fmt_count,
+    guarded,
+    progress,
+    train_options,
+)
 from abs_deploy.data import DATASETS, load_dataset
 from abs_deploy.errors import UserError
 from abs_deploy.models.registry import build_model, create_model, default_input_shape

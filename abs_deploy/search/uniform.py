@@ -11,8 +11,13 @@ from abs_deploy import bops, graph
 from abs_deploy.checkpoint import make_checkpoint
 from abs_deploy.data import Dataset
 from abs_deploy.search.qlayers import mse_weight_clip
-from abs_deploy.search.qmodel import calibrate, make_decision, model_from_checkpoint, \
-    quant_layers, quantize_model
+from abs_deploy.search.qmodel import (
+    calibrate,
+    make_decision,
+    model_from_checkpoint,
+    quant_layers,
+    quantize_model,
+)
 from abs_deploy.train import Progress, TrainConfig, evaluate, no_progress, train
 
 
