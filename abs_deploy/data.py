@@ -20,7 +20,8 @@ from torch import Tensor
 
 from abs_deploy.errors import UserError
 
-DATASETS = ("digits", "digits32", "cifar10", "cifar100", "synthetic")
+DATASETS = ("digits", "digits32", "cifar10", "cifar100", "imagefolder", "synthetic")
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 # The files of the standard `cifar-*-python` archives and their MD5 sums (as published with them).
 _CIFAR = {
@@ -85,7 +86,7 @@ class Dataset:
 
 def load_dataset(name: str, data_dir: str | None = None, verify: bool = True,
                  synthetic_shape: tuple[int, int, int] = (3, 32, 32),
-                 synthetic_classes: int = 10) -> Dataset:
+                 synthetic_classes: int = 10, image_size: int = 32) -> Dataset:
     if name == "digits":
         return _digits(upsample=False)
     if name == "digits32":
@@ -95,9 +96,22 @@ def load_dataset(name: str, data_dir: str | None = None, verify: bool = True,
             raise UserError(f"dataset {name} needs --data-dir (the folder holding "
                             f"{_CIFAR[name][0]}/ or its files)")
         return _cifar(name, Path(data_dir), verify)
+    if name == "imagefolder":
+        if not data_dir:
+            raise UserError("dataset imagefolder needs --data-dir (one subfolder per class, "
+                            "optionally under train/ and val/)")
+        return _image_folder(Path(data_dir), image_size)
     if name == "synthetic":
         return _synthetic(synthetic_shape, synthetic_classes)
     raise UserError(f"unknown dataset '{name}'; known: {', '.join(DATASETS)}")
+
+
+def dataset_for(input_spec: dict, data_dir: str | None = None, name: str | None = None
+                ) -> Dataset:
+    """The dataset a checkpoint was trained on (or `name`), at the input size it records."""
+    shape = input_spec.get("shape", [1, 3, 32, 32])
+    return load_dataset(name or input_spec.get("dataset", "digits"), data_dir,
+                        synthetic_shape=tuple(shape[1:]), image_size=int(shape[-1]))
 
 
 def _digits(upsample: bool) -> Dataset:
@@ -168,6 +182,69 @@ class _SafeUnpickler(pickle.Unpickler):
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+
+
+def _image_folder(root: Path, size: int) -> Dataset:
+    """Images in one subfolder per class, as `root/train/<class>/` and `root/val/<class>/`, or
+    `root/<class>/` split 80/20 per class with a fixed seed. Each image is resized (shorter side)
+    and centre-cropped to `size` once, on load, and kept in memory as uint8."""
+    if not root.is_dir():
+        raise UserError(f"imagefolder: {root} is not a folder")
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        classes = _class_names(root / "train")
+        tx, ty = _read_images(root / "train", classes, size)
+        vx, vy = _read_images(root / "val", classes, size)
+    else:
+        classes = _class_names(root)
+        x, y = _read_images(root, classes, size)
+        gen = torch.Generator().manual_seed(0)
+        val_idx = []
+        for c in range(len(classes)):
+            idx = torch.nonzero(y == c).flatten()
+            idx = idx[torch.randperm(len(idx), generator=gen)]
+            val_idx.append(idx[:max(1, len(idx) // 5)])
+        is_val = torch.zeros(len(y), dtype=torch.bool)
+        is_val[torch.cat(val_idx)] = True
+        tx, ty, vx, vy = x[~is_val], y[~is_val], x[is_val], y[is_val]
+    if len(tx) == 0 or len(vx) == 0:
+        raise UserError(f"imagefolder: {root} needs images for both training and validation")
+    mean = (tx.float().mean(dim=(0, 2, 3)) / 255).tolist()
+    std = (tx.float().std(dim=(0, 2, 3)) / 255).clamp_min(1e-3).tolist()
+    ds = Dataset("imagefolder", tx, ty, vx, vy, len(classes), mean, std, augment=True)
+    ds.extra["classes"] = classes
+    return ds
+
+
+def _class_names(folder: Path) -> list[str]:
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise UserError(f"imagefolder: {folder} has no class subfolders")
+    return classes
+
+
+def _read_images(folder: Path, classes: list[str], size: int) -> tuple[Tensor, Tensor]:
+    from PIL import Image, UnidentifiedImageError
+
+    xs, ys = [], []
+    for label, name in enumerate(classes):
+        files = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        for f in files:
+            try:
+                with Image.open(f) as img:
+                    img = img.convert("RGB")
+                    scale = size / min(img.size)
+                    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
+                    img = img.resize((w, h), Image.BILINEAR)
+                    left, top = (w - size) // 2, (h - size) // 2
+                    img = img.crop((left, top, left + size, top + size))
+                    arr = np.asarray(img, dtype=np.uint8)
+            except (UnidentifiedImageError, OSError) as e:
+                raise UserError(f"imagefolder: cannot read {f}: {e}") from None
+            xs.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+            ys.append(label)
+    if not xs:
+        raise UserError(f"imagefolder: no images under {folder}")
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
 
 
 def _synthetic(shape: tuple[int, int, int], num_classes: int, n_train: int = 256,

@@ -86,3 +86,36 @@ def test_md5_table_is_checked_against_real_bytes(tmp_path):
     p = tmp_path / "x"
     p.write_bytes(b"abc")
     assert hashlib.md5(p.read_bytes()).hexdigest() == "900150983cd24fb0d6963f7d28e17f72"
+
+
+def _image_folder(root, classes=("cat", "dog"), per_class=5):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 60, (20 + i, 30, 3), dtype=np.uint8) + 150 * c
+            Image.fromarray(arr).save(root / name / f"{i}.png")
+    return root
+
+
+def test_image_folder_splits_per_class_and_resizes(tmp_path):
+    d = load_dataset("imagefolder", str(_image_folder(tmp_path)), image_size=16)
+    assert d.num_classes == 2 and d.extra["classes"] == ["cat", "dog"]
+    assert d.train_x.shape[1:] == (3, 16, 16) and len(d.val_y) == 2 and len(d.train_y) == 8
+    # class 1 images are brighter: the labels travel with their pixels
+    assert d.train_x[d.train_y == 1].float().mean() > d.train_x[d.train_y == 0].float().mean()
+
+
+def test_image_folder_with_train_and_val_subfolders(tmp_path):
+    _image_folder(tmp_path / "train", per_class=3)
+    _image_folder(tmp_path / "val", per_class=2)
+    d = load_dataset("imagefolder", str(tmp_path), image_size=8)
+    assert (len(d.train_y), len(d.val_y)) == (6, 4)
+
+
+def test_unreadable_image_is_named(tmp_path):
+    _image_folder(tmp_path)
+    (tmp_path / "cat" / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(UserError, match="broken.png"):
+        load_dataset("imagefolder", str(tmp_path))

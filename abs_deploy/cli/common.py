@@ -61,7 +61,7 @@ def fmt_count(n: float) -> str:
 
 data_dir_option = click.option(
     "--data-dir", type=click.Path(exists=True, file_okay=False),
-    help="Folder holding the dataset files (CIFAR python pickles).")
+    help="Folder holding the dataset (CIFAR python pickles, or class subfolders of images).")
 
 
 def train_options(epochs: int, lr: float, batch_size: int = 64) -> Callable:

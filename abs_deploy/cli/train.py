@@ -18,7 +18,7 @@ from abs_deploy.cli.common import (
     progress,
     train_options,
 )
-from abs_deploy.data import DATASETS, load_dataset
+from abs_deploy.data import DATASETS, dataset_for, load_dataset
 from abs_deploy.errors import UserError
 from abs_deploy.models.registry import build_model, create_model, default_input_shape
 from abs_deploy.train import TrainConfig
@@ -32,14 +32,17 @@ BITS = click.IntRange(2, 8)
 @click.option("--model-kwargs", default="{}", help="JSON keyword arguments for the builder.")
 @click.option("--dataset", type=click.Choice(DATASETS), default="digits", show_default=True)
 @data_dir_option
+@click.option("--image-size", type=click.IntRange(8), default=32, show_default=True,
+              help="Side of the square crop for --dataset imagefolder.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
 @train_options(epochs=30, lr=0.1)
 @guarded
-def pretrain(model_name, model_kwargs, dataset, data_dir, output, epochs, lr, batch_size, seed):
+def pretrain(model_name, model_kwargs, dataset, data_dir, image_size, output, epochs, lr,
+             batch_size, seed):
     """Train the full-precision starting point."""
     from abs_deploy.pretrain import pretrain as run
 
-    data = load_dataset(dataset, data_dir)
+    data = load_dataset(dataset, data_dir, image_size=image_size)
     cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
     ckpt = run(model_name, data, cfg, _json_kwargs(model_kwargs), progress,
                epoch_printer("pretrain"))
@@ -68,7 +71,7 @@ def search(checkpoint, method, w_bits, a_bits, edge_bits, dataset, data_dir, out
     from abs_deploy.search.uniform import uniform_qat
 
     fp = load_checkpoint(checkpoint, stages=("fp",))
-    data = load_dataset(dataset or fp["input"].get("dataset", "digits"), data_dir)
+    data = dataset_for(fp["input"], data_dir, dataset)
     cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
     ckpt = uniform_qat(fp, data, w_bits, a_bits, cfg, edge_bits, progress,
                        epoch_printer(f"qat w{w_bits}a{a_bits}"))
