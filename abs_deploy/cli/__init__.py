@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from abs_deploy.cli.demo import demo
-from abs_deploy.cli.train import bops_cmd, pretrain, search
+from abs_deploy.cli.train import bops_cmd, finetune, pretrain, search
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -14,5 +14,5 @@ def main() -> None:
     """abs-deploy: search per-layer bits and pruning, export integer ONNX, validate it."""
 
 
-for _cmd in (pretrain, search, bops_cmd, demo):
+for _cmd in (pretrain, search, finetune, bops_cmd, demo):
     main.add_command(_cmd)

@@ -64,12 +64,15 @@ data_dir_option = click.option(
     help="Folder holding the dataset (CIFAR python pickles, or class subfolders of images).")
 
 
-def train_options(epochs: int, lr: float, batch_size: int = 64) -> Callable:
+def train_options(epochs: int | None = None, lr: float | None = None,
+                  batch_size: int = 64) -> Callable:
+    """--epochs/--lr/--batch-size/--seed; a None default means "the method's own default"."""
     def decorate(fn):
         for opt in reversed([
-            click.option("--epochs", type=click.IntRange(1), default=epochs, show_default=True),
+            click.option("--epochs", type=click.IntRange(1), default=epochs,
+                         show_default=epochs is not None),
             click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=lr,
-                         show_default=True),
+                         show_default=lr is not None),
             click.option("--batch-size", type=click.IntRange(1), default=batch_size,
                          show_default=True),
             click.option("--seed", type=int, default=0, show_default=True),

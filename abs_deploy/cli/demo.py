@@ -1,4 +1,5 @@
-"""`abs demo`: the whole user path on the embedded digits data, in a few minutes on 2 cores."""
+"""`abs demo`: the whole user path on the embedded digits data, in a few minutes on 2 cores:
+pretrain -> uniform 4/4 QAT (the baseline) -> ABS search at 64x -> fine-tune -> export."""
 
 from __future__ import annotations
 
@@ -13,37 +14,67 @@ from abs_deploy.cli.train import print_decision
 from abs_deploy.data import load_dataset
 from abs_deploy.train import TrainConfig
 
+TARGET = 64.0   # the BOP compression factor the demo searches for
+
 
 @click.command()
 @click.option("--out", type=click.Path(file_okay=False), default="runs/demo", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--skip-export", is_flag=True, help="Stop after fine-tuning.")
 @guarded
-def demo(out, seed):
-    """Pretrain a digits CNN, quantize it uniformly at 4/4 bits (the baseline), and report."""
+def demo(out, seed, skip_export):
+    """Pretrain, quantize uniformly (baseline), search with ABS at 64x, fine-tune, export."""
     from abs_deploy.pretrain import pretrain
+    from abs_deploy.search.abs_search import abs_search
+    from abs_deploy.search.finetune import finetune
     from abs_deploy.search.uniform import uniform_qat
 
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_dataset("digits")
+    steps = 4 if skip_export else 5
 
-    click.echo("== 1/2 pretrain digits_cnn (full precision)")
+    click.echo(f"== 1/{steps} pretrain digits_cnn (full precision)")
     fp = pretrain("digits_cnn", data, TrainConfig(epochs=30, lr=0.1, seed=seed), None,
                   progress, epoch_printer("pretrain"))
     save_checkpoint(fp, out / "fp.pt")
 
-    click.echo("== 2/2 uniform QAT at 4/4 bits (first/last layer 8/8)")
+    click.echo(f"== 2/{steps} baseline: uniform QAT at 4/4 bits (first/last layer 8/8)")
     uni = uniform_qat(fp, data, 4, 4, TrainConfig(epochs=10, lr=0.01, seed=seed), 8, progress,
                       epoch_printer("qat w4a4"))
     save_checkpoint(uni, out / "uniform_w4a4.pt")
-    print_decision(uni)
+
+    target = fp["metrics"]["fp_bops"] / TARGET
+    click.echo(f"== 3/{steps} ABS search, target FP/{TARGET:.0f} = {fmt_count(target)} BOPs")
+    searched = abs_search(fp, data, target, TrainConfig(epochs=15, lr=0.01, seed=seed),
+                          progress=progress, on_epoch_end=epoch_printer("abs"))
+    save_checkpoint(searched, out / "searched.pt")
+
+    click.echo(f"== 4/{steps} fine-tune the chosen configuration (BN folded)")
+    tuned = finetune(searched, data, TrainConfig(epochs=10, lr=0.005, seed=seed), progress,
+                     epoch_printer("finetune"))
+    model_path = save_checkpoint(tuned, out / "model.pt")
+    print_decision(tuned, target)
+
+    exported = None
+    if not skip_export:
+        from abs_deploy.cli.export import print_summary
+        from abs_deploy.export.pipeline import ExportOptions, export_model
+        click.echo(f"== 5/{steps} export {model_path} -> ONNX, validate in ONNX Runtime")
+        exported = export_model(model_path, ExportOptions(output=out / "model.onnx"), progress)
+        print_summary(exported)
 
     click.echo("")
-    click.echo(f"{'model':<22} {'top-1':>8} {'BOPs':>12} {'vs FP':>8}")
+    click.echo(f"{'model':<26} {'top-1':>8} {'BOPs':>12} {'vs FP':>8}")
     fp_bops = fp["metrics"]["bops"]
-    for label, ck in (("FP 32/32", fp), ("uniform 4/4", uni)):
+    for label, ck in (("FP 32/32", fp), ("uniform 4/4 (QAT)", uni),
+                      ("ABS searched", searched), ("ABS fine-tuned", tuned)):
         m = ck["metrics"]
-        click.echo(f"{label:<22} {100 * m['top1']:7.2f}% {fmt_count(m['bops']):>12} "
+        click.echo(f"{label:<26} {100 * m['top1']:7.2f}% {fmt_count(m['bops']):>12} "
                    f"{fp_bops / m['bops']:7.1f}x")
-    click.echo(f"checkpoints in {out}/  ({time.perf_counter() - t0:.0f} s)")
+    if exported is not None:
+        acc = exported.report.get("accuracy", {})
+        if "ort" in acc:
+            click.echo(f"{'ABS in ONNX Runtime':<26} {100 * acc['ort']:7.2f}%")
+    click.echo(f"files in {out}/  ({time.perf_counter() - t0:.0f} s)")

@@ -52,35 +52,118 @@ def pretrain(model_name, model_kwargs, dataset, data_dir, image_size, output, ep
                f"MACs {fmt_count(m['macs'])}  BOPs {fmt_count(m['bops'])}  -> {output}")
 
 
+# Per-method training defaults: QAT and fine-tune start from trained weights (small lr); the
+# searches train gates and weights together for longer.
+_DEFAULTS = {"uniform": (10, 0.01), "abs": (15, 0.01), "bsq": (15, 0.01), "finetune": (10, 0.005)}
+
+
 @click.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--method", type=click.Choice(["uniform"]), default="uniform", show_default=True)
-@click.option("--w-bits", type=BITS, default=4, show_default=True)
-@click.option("--a-bits", type=BITS, default=4, show_default=True)
+@click.option("--method", type=click.Choice(["uniform", "abs", "bsq"]), default="abs",
+              show_default=True)
+@click.option("--target-bops", default=None,
+              help="abs/bsq: BOP target as a ratio of FP (0.05), a factor (64x) or a count "
+                   "(35M, 1.2G).")
+@click.option("--lam", type=click.FloatRange(min=0), default=None,
+              help="abs: fixed BOP-loss weight (the paper's mode) instead of a target.")
+@click.option("--candidates", default="2,4,8", show_default=True,
+              help="abs: candidate bitwidths, ascending.")
+@click.option("--max-prune", type=click.FloatRange(0, 1, max_open=True), default=0.5,
+              show_default=True, help="abs: largest fraction of a layer's filters to remove.")
+@click.option("--resume", is_flag=True,
+              help="abs: continue an interrupted search from OUTPUT's .partial state file.")
+@click.option("--alpha", type=click.FloatRange(min=0), default=5e-3, show_default=True,
+              help="bsq: bit-level group Lasso strength (adapted when --target-bops is given).")
+@click.option("--act-bits", type=BITS, default=4, show_default=True,
+              help="bsq: fixed activation bits.")
+@click.option("--w-bits", type=BITS, default=4, show_default=True, help="uniform: weight bits.")
+@click.option("--a-bits", type=BITS, default=4, show_default=True,
+              help="uniform: activation bits.")
 @click.option("--edge-bits", type=BITS, default=8, show_default=True,
               help="Bits of the first and last layer.")
 @click.option("--dataset", type=click.Choice(DATASETS), default=None,
               help="Default: the dataset the checkpoint was trained on.")
 @data_dir_option
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
-@train_options(epochs=10, lr=0.01)
+@train_options()
 @guarded
-def search(checkpoint, method, w_bits, a_bits, edge_bits, dataset, data_dir, output, epochs,
-           lr, batch_size, seed):
-    """Search per-layer bits and pruning from a trained FP checkpoint."""
-    from abs_deploy.search.uniform import uniform_qat
-
+def search(checkpoint, method, target_bops, lam, candidates, max_prune, resume, alpha, act_bits,
+           w_bits, a_bits, edge_bits, dataset, data_dir, output, epochs, lr, batch_size, seed):
+    """Search per-layer bits (and, for abs, pruned filters) from a trained FP checkpoint."""
     fp = load_checkpoint(checkpoint, stages=("fp",))
     data = dataset_for(fp["input"], data_dir, dataset)
-    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
-    ckpt = uniform_qat(fp, data, w_bits, a_bits, cfg, edge_bits, progress,
-                       epoch_printer(f"qat w{w_bits}a{a_bits}"))
+    cfg = _config("uniform" if method == "uniform" else method, epochs, lr, batch_size, seed)
+    target = _target(target_bops, fp) if target_bops else None
+    if method == "uniform":
+        from abs_deploy.search.uniform import uniform_qat
+        ckpt = uniform_qat(fp, data, w_bits, a_bits, cfg, edge_bits, progress,
+                           epoch_printer(f"qat w{w_bits}a{a_bits}"))
+    elif method == "abs":
+        from abs_deploy.search.abs_search import abs_search
+        if target is None and lam is None:
+            raise CliError("abs needs --target-bops (or --lam for a fixed weight)")
+        state = Path(f"{output}.partial")
+        if state.exists() and not resume:
+            raise CliError(f"{state} holds an interrupted search: add --resume to continue it, "
+                           "or delete it to start over")
+        ckpt = abs_search(fp, data, target, cfg, lam=lam, candidates=_bits_list(candidates),
+                          max_prune=max_prune, edge_bits=edge_bits, progress=progress,
+                          on_epoch_end=epoch_printer("abs"), resume_path=str(state))
+    else:
+        from abs_deploy.search.bsq import bsq_search
+        ckpt = bsq_search(fp, data, alpha, act_bits, cfg, target_bops=target,
+                          edge_bits=edge_bits, progress=progress,
+                          on_epoch_end=epoch_printer("bsq"))
+    save_checkpoint(ckpt, output)
+    if method == "abs":
+        Path(f"{output}.partial").unlink(missing_ok=True)
+    print_decision(ckpt, target)
+    click.echo(f"-> {output}")
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--dataset", type=click.Choice(DATASETS), default=None,
+              help="Default: the dataset the checkpoint was trained on.")
+@data_dir_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
+@train_options()
+@guarded
+def finetune(checkpoint, dataset, data_dir, output, epochs, lr, batch_size, seed):
+    """Train a searched configuration in its deployable form (BN folded, bits fixed)."""
+    from abs_deploy.search.finetune import finetune as run
+
+    searched = load_checkpoint(checkpoint, stages=("searched",))
+    data = dataset_for(searched["input"], data_dir, dataset)
+    ckpt = run(searched, data, _config("finetune", epochs, lr, batch_size, seed), progress,
+               epoch_printer("finetune"))
     save_checkpoint(ckpt, output)
     print_decision(ckpt)
+    click.echo(f"-> {output}")
 
 
-def print_decision(ckpt: dict) -> None:
-    """Per-layer bits, kept filters and BOPs, then the totals against FP."""
+def _config(method: str, epochs, lr, batch_size, seed) -> TrainConfig:
+    default_epochs, default_lr = _DEFAULTS[method]
+    return TrainConfig(epochs=epochs or default_epochs, lr=lr or default_lr,
+                       batch_size=batch_size, seed=seed)
+
+
+def _target(text: str, fp: dict) -> float:
+    try:
+        return bops.parse_bops(text, fp["metrics"]["fp_bops"])
+    except ValueError as e:
+        raise CliError(str(e)) from None
+
+
+def _bits_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise CliError(f"--candidates must be comma-separated bitwidths, got '{text}'") from None
+
+
+def print_decision(ckpt: dict, target: float | None = None) -> None:
+    """Per-layer bits, kept filters and BOPs, then the totals against FP (and the target)."""
     rows = {r.name: r for r in bops.decision_bops(ckpt["decision"], ckpt["arch"],
                                                   ckpt["input"]["shape"])}
     click.echo(f"{'layer':<28} {'w':>2} {'a':>2} {'kept':>9} {'BOPs':>12}")
@@ -89,8 +172,10 @@ def print_decision(ckpt: dict) -> None:
         click.echo(f"{name:<28} {d['w_bits']:>2} {d['a_bits']:>2} "
                    f"{len(d['kept']):>4}/{r.c_out:<4} {fmt_count(r.bops):>12}")
     m = ckpt["metrics"]
+    aim = f"  (target {fmt_count(target)}, off by {100 * (m['bops'] / target - 1):+.1f}%)" \
+        if target else ""
     click.echo(f"top-1 {100 * m['top1']:.2f}% (FP {100 * m['fp_top1']:.2f}%)  "
-               f"BOPs {fmt_count(m['bops'])} = FP/{m['fp_bops'] / m['bops']:.1f}")
+               f"BOPs {fmt_count(m['bops'])} = FP/{m['fp_bops'] / m['bops']:.1f}{aim}")
 
 
 @click.command("bops")
