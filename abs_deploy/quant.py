@@ -12,6 +12,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# ONNX Runtime's u8 x s8 kernels on AVX2 without VNNI add pairs of products in int16 with
+# saturation (VPMADDUBSW): 255 * 128 * 2 > 32767. On x64 ORT also turns int8 activations into
+# uint8 with zero point 128 (QDQS8ToU8Transformer), so a signed input reaches the kernel as up
+# to 255 too. A 7-bit weight range (|q| <= 64) cannot saturate: 255 * 64 * 2 = 32640. This is
+# ORT's `reduce_range` and NNCF's "saturation fix" (onnxruntime#6004, nncf#301). Weights of 7 bits
+# or fewer are safe anyway, and so are unsigned inputs of 7 bits or fewer (127 * 128 * 2).
+# Training uses the same rule, so fine-tune learns the weights export stores.
+REDUCED_BITS = 7
+
+
+def stored_weight_bits(w_bits: int, a_bits: int, a_signed: bool,
+                       reduce_range: bool = True) -> int:
+    """The weight grid a layer really uses: 8-bit weights meeting 8-bit or signed inputs keep
+    7 bits (see above). BOPs still count the decided bits."""
+    if reduce_range and w_bits == 8 and 2 <= a_bits <= 8 and (a_bits == 8 or a_signed):
+        return REDUCED_BITS
+    return w_bits
+
 
 def int_range(bits: int, signed: bool) -> tuple[int, int]:
     if signed:

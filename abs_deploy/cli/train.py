@@ -72,7 +72,7 @@ _DEFAULTS = {"uniform": (10, 0.01), "abs": (15, 0.01), "bsq": (15, 0.01), "finet
               show_default=True, help="abs: largest fraction of a layer's filters to remove.")
 @click.option("--resume", is_flag=True,
               help="abs: continue an interrupted search from OUTPUT's .partial state file.")
-@click.option("--alpha", type=click.FloatRange(min=0), default=5e-3, show_default=True,
+@click.option("--alpha", type=click.FloatRange(min=0), default=0.5, show_default=True,
               help="bsq: bit-level group Lasso strength (adapted when --target-bops is given).")
 @click.option("--act-bits", type=BITS, default=4, show_default=True,
               help="bsq: fixed activation bits.")

@@ -11,7 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from abs_deploy.quant import fake_quant, init_weight_clip, int_range, weight_clip_shape
+from abs_deploy.quant import (
+    fake_quant,
+    init_weight_clip,
+    int_range,
+    stored_weight_bits,
+    weight_clip_shape,
+)
 
 FLOAT_BITS = 32
 
@@ -35,7 +41,8 @@ class _QuantMixin:
         if self.w_bits >= FLOAT_BITS:
             return self.weight
         clip = self.w_clip.abs().add(1e-8).view(weight_clip_shape(self.weight))
-        return fake_quant(self.weight, clip, self.w_bits, True)
+        bits = stored_weight_bits(self.w_bits, self.a_bits, self.a_signed)
+        return fake_quant(self.weight, clip, bits, True)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, w{self.w_bits}a{self.a_bits}" + \

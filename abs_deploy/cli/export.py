@@ -1,0 +1,167 @@
+"""`abs-export` and `abs validate`: parse, call the export library, print one screen."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import click
+import onnx
+
+from abs_deploy.cli.common import CliError, data_dir_option, fmt_count, guarded, progress
+from abs_deploy.data import DATASETS
+from abs_deploy.export.errors import ExportFailed
+
+MODEL_LABELS = {"fp_original": "FP original", "fp_pruned": "pruned FP", "qcdq": "QCDQ"}
+
+
+class ExportFailedError(click.ClickException):
+    """The export ran but a check missed: one line, exit code 1 (input errors exit 2)."""
+
+    exit_code = 1
+
+
+def failing_checks(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ExportFailed as e:
+            raise ExportFailedError(f"export failed: {e}") from None
+    return wrapper
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--onnx", "to_onnx", is_flag=True, default=True,
+              help="Write ONNX (QCDQ) files; the only target, so also the default.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="The QCDQ model's path (default: the checkpoint's name with .onnx). "
+                   "The pruned float model and report.{json,md,png} go beside it.")
+@click.option("--opset", type=click.IntRange(13, onnx.defs.onnx_opset_version()), default=21,
+              show_default=True)
+@click.option("--weights", type=click.Choice(["int8", "int4"]), default="int8",
+              show_default=True, help="int4: packed INT4 initializers for weights of <= 4 bits.")
+@click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
+@click.option("--skip-latency", is_flag=True, help="Skip the ORT latency measurement.")
+@click.option("--dataset", type=click.Choice(DATASETS), default=None,
+              help="Validation data (default: the dataset the checkpoint names).")
+@data_dir_option
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True,
+              help="Validation batch size.")
+@click.option("--max-images", type=click.IntRange(1), default=None,
+              help="Validate on the first N validation images only.")
+@click.option("--threads", type=click.IntRange(1), default=None,
+              help="Threads of the 'all threads' latency runs (default: every core).")
+@click.option("--runs", type=click.IntRange(50), default=50, show_default=True,
+              help="Timed runs per latency figure.")
+@click.option("--no-reduce-range", is_flag=True,
+              help="Keep 8-bit weights at 8 bits where they meet 8-bit or signed inputs "
+                   "(ORT's u8s8 kernels on AVX2 without VNNI may then saturate).")
+@guarded
+@failing_checks
+def export_main(checkpoint, to_onnx, output, opset, weights, no_simplify, skip_latency,
+                dataset, data_dir, batch_size, max_images, threads, runs, no_reduce_range):
+    """Collapse, prune and export a searched or fine-tuned CHECKPOINT as QCDQ ONNX, validate
+    it in ONNX Runtime against the PyTorch reference, and report BOPs, parity and latency."""
+    from abs_deploy.export.pipeline import ExportOptions, export_model
+
+    if not to_onnx:
+        raise CliError("nothing to do: --onnx is the only export target")
+    opts = ExportOptions(output=output, opset=opset, weights=weights, simplify=not no_simplify,
+                         latency=not skip_latency, dataset=dataset, data_dir=data_dir,
+                         batch_size=batch_size, threads=threads, latency_runs=runs,
+                         reduce_range=not no_reduce_range, max_images=max_images)
+    result = export_model(checkpoint, opts, progress, on_step=_announce)
+    print_summary(result)
+
+
+def _announce(step: str) -> None:
+    if sys.stderr.isatty():
+        click.echo(f"  {step} ...", err=True)
+
+
+def print_summary(result) -> None:
+    """One screen: files, BOPs and size ratios, accuracy, parity, latency, the fastest file."""
+    r = result.report
+    t, acc, par = r["totals"], r["accuracy"], r["parity"]
+    folder = result.files["onnx"].parent
+    click.echo(f"exported {r['arch']} ({r['stage']}, {r['method']}) in {result.seconds:.1f} s "
+               f"-> {folder}/")
+    click.echo("  files   " + ", ".join(
+        f"{p.name} ({_size(p.stat().st_size)})" if p.suffix == ".onnx" else p.name
+        for p in result.files.values()))
+    ratio = t["ratios"]
+    versus = " (vs its float32 weights)" if t.get("fp_file_estimated") else ""
+    click.echo(f"  BOPs    {fmt_count(t['fp']['bops'])} -> {fmt_count(t['exported']['bops'])}"
+               f"  ({ratio['bops']:.1f}x fewer)   MACs {ratio['macs']:.2f}x   "
+               f"params {ratio['params']:.2f}x   file {ratio['file_bytes']:.1f}x smaller{versus}")
+    source = "" if acc["fp_source"] == "float weights" else f" ({acc['fp_source']})"
+    click.echo(f"  top-1   FP original {_pct(acc['fp_original'])}{source}   reference "
+               f"{_pct(acc['reference'])}   ORT {_pct(acc['ort'])}   ORT no-opt "
+               f"{_pct(acc['ort_unoptimized'])}   ({acc['images']} images of {r['dataset']})")
+    p, off, full = par["pruning"], par["ort_unoptimized"], par["ort_optimized"]
+    click.echo(f"  parity  pruned = masked to {max(p['logits_rel'], p['onnx_logits_rel']):.0e}"
+               f"  |  ORT no-opt logits {off['logits_rel']:.0e}"
+               f"  |  ORT int8: top-1 agree {_pct(full['top1_agreement'])}, codes equal "
+               f"{_pct(full['codes_equal'], 3)}, max diff {full['codes_max_diff']}   "
+               "all passed")
+    lat = r.get("latency")
+    if not lat:
+        click.echo("  latency skipped")
+        return
+    rows = lat["rows"]
+    cols = sorted({(row["batch"], row["threads"]) for row in rows})
+    click.echo(f"  latency in ORT, median / p90 ms ({rows[0]['runs']} runs), {lat['cpu']}")
+    click.echo("    " + f"{'':<12}" + "".join(f"{f'bs{b} {n}t':>18}" for b, n in cols))
+    for model in dict.fromkeys(row["model"] for row in rows):
+        cells = {(row["batch"], row["threads"]): row for row in rows if row["model"] == model}
+        click.echo("    " + f"{MODEL_LABELS.get(model, model):<12}" + "".join(
+            f"{cells[c]['median_ms']:>9.2f} /{cells[c]['p90_ms']:>7.2f}" for c in cols))
+    setting = lat["headline"]
+    speed = lat["speedup_vs_fp_original"].get(setting, {})
+    fastest = lat["fastest"]
+    click.echo(f"  fastest {MODEL_LABELS.get(fastest, fastest)} at {setting}: "
+               + ", ".join(f"{MODEL_LABELS.get(m, m)} {v:.2f}x" for m, v in speed.items())
+               + " the speed of the FP original")
+
+
+@click.command("validate")
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--dataset", type=click.Choice(DATASETS), default=None,
+              help="Default: the dataset named in the file's metadata.")
+@data_dir_option
+@click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--max-images", type=click.IntRange(1), default=None)
+@guarded
+def validate(model, dataset, data_dir, batch_size, max_images):
+    """Accuracy of an exported MODEL in ONNX Runtime, with and without graph optimizations,
+    and how well the two agree."""
+    from abs_deploy.export.pipeline import validate_file
+
+    check = validate_file(model, dataset, data_dir, batch_size, max_images, progress)
+    layers = check.decision or {}
+    if layers:
+        bits = ", ".join(f"w{d['w_bits']}a{d['a_bits']}" for d in layers.values())
+        kept = sum(len(d["kept"]) for d in layers.values())
+        total = sum(d["total"] for d in layers.values())
+        click.echo(f"{Path(model).name}: {len(layers)} layers ({bits}), {kept}/{total} "
+                   "filters kept")
+    click.echo(f"top-1 on {check.images} images: ORT {_pct(check.accuracy_all)}, ORT without "
+               f"optimizations {_pct(check.accuracy_off)}; the two agree on "
+               f"{_pct(check.top1_agreement)} (logits {check.logits_rel:.1e} relative)")
+    if check.failure:
+        raise ExportFailedError(check.failure)
+
+
+def _pct(v: float | None, digits: int = 2) -> str:
+    return "n/a" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def _size(n: int) -> str:
+    for unit, div in (("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{n} B"

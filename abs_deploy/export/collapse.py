@@ -1,0 +1,400 @@
+"""Collapse (DESIGN §9): a `searched` or `finetuned` checkpoint becomes three plain PyTorch
+models over the same architecture and layer names.
+
+- `original`: the architecture with the checkpoint's float weights, no quantizer, no mask.
+- `masked_float`: BN folded into each decided layer, float weights, every channel outside
+  `kept` zeroed (its weight rows and bias), which is what the training model's mask after the
+  BN does. Removing those channels later is exact.
+- `reference`: `masked_float` with integers: each decided layer holds its weight codes, a
+  per-channel weight scale, an int32 bias at the accumulator scale and its frozen input
+  quantizer. It computes `s_x * s_w * (conv(q_x, q_w) + q_b)` in float, which is what
+  DequantizeLinear math gives, and it *is* the model the ONNX file must reproduce.
+
+The reference differs from the training graph in three documented places: the weight clip
+follows the BN scale as `clip * |k|`, which at a negative BN gamma mirrors the asymmetric
+clamp bound (-2^(b-1) maps to 2^(b-1)-1); the bias is rounded to int32 at scale `s_x * s_w`
+(QLinearConv needs it; the error is below half a unit of the accumulator); and 8-bit weights
+that meet 8-bit or signed inputs keep a 7-bit range (quant.stored_weight_bits).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from abs_deploy import graph
+from abs_deploy.errors import UserError
+from abs_deploy.fold import fold_bn
+from abs_deploy.models.registry import build_model
+from abs_deploy.quant import int_range, quantize_int, scale, stored_weight_bits
+
+FLOAT_BITS = 32
+QUANT_BITS = range(2, 9)
+# The search side's quantizers use `|clip| + 1e-8` (search/qlayers.py); the same here, so the
+# integers are those training saw.
+CLIP_EPS = 1e-8
+# Which 8-bit layers store 7-bit weight codes, and why: abs_deploy.quant.stored_weight_bits.
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """One decided layer: its bits, its kept output channels, and how its weights are stored."""
+
+    name: str
+    kind: str  # "conv" | "linear"
+    w_bits: int
+    a_bits: int
+    a_signed: bool
+    kept: tuple[int, ...]
+    total: int  # output channels before pruning
+    bn: str | None
+    w_store_bits: int  # bits of the stored weight range (quant.stored_weight_bits)
+
+    @property
+    def tag(self) -> str:
+        """`w4a4`: goes into node names so any viewer shows the bits."""
+        return f"w{self.w_bits}a{self.a_bits}"
+
+    @property
+    def w_quantized(self) -> bool:
+        return self.w_bits < FLOAT_BITS
+
+    @property
+    def a_quantized(self) -> bool:
+        return self.a_bits < FLOAT_BITS
+
+
+@dataclass
+class Collapsed:
+    original: nn.Module
+    masked_float: nn.Module
+    reference: nn.Module
+    layers: dict[str, LayerQuant]  # in execution order
+    input_shape: list[int]
+    notes: list[str] = field(default_factory=list)
+
+
+def collapse(ckpt: dict, reduce_range: bool = True) -> Collapsed:
+    """The three models of a checkpoint (module docstring). Any mismatch between the checkpoint
+    and its architecture is a `UserError` naming the layer."""
+    if ckpt["stage"] not in ("searched", "finetuned"):
+        raise UserError(f"stage '{ckpt['stage']}' checkpoint: export needs a searched or "
+                        "finetuned one (an fp checkpoint has no decision)")
+    shape = _input_shape(ckpt)
+    model = _build(ckpt["arch"])
+    example = torch.zeros(shape)
+    order = call_order(model, example)
+    norms = graph.following_norm(model, example)
+    layers = read_decision(ckpt.get("decision"), model, order, norms, reduce_range)
+    if ckpt.get("bn_folded"):
+        _drop_folded_norms(model, layers)
+    _load_weights(model, ckpt["state_dict"], layers)
+    clips = _read_clips(ckpt["state_dict"], layers)
+    model.eval()
+
+    original = copy.deepcopy(model)
+    k_of = _fold_norms(model, layers)
+    _zero_pruned(model, layers)
+    reference = copy.deepcopy(model)
+    for name, lq in layers.items():
+        _set_module(reference, name, _integer_layer(reference.get_submodule(name), lq,
+                                                    clips[name], k_of[name]))
+    notes = []
+    reduced = [n for n, lq in layers.items() if lq.w_store_bits != lq.w_bits]
+    if reduced:
+        notes.append(f"{len(reduced)} layer(s) with 8-bit weights and 8-bit or signed inputs "
+                     "store 7-bit weights (int16 saturation of ORT's u8s8 kernels on AVX2): "
+                     + ", ".join(reduced))
+    return Collapsed(original, model, reference.eval(), layers, shape, notes)
+
+
+@torch.no_grad()
+def call_order(model: nn.Module, example: Tensor) -> list[str]:
+    """Conv2d/Linear names in the order the forward pass first calls them (one eager pass:
+    cheaper than another graph capture)."""
+    order: list[str] = []
+    handles = [m.register_forward_hook(lambda mod, i, o, name=n: order.append(name))
+               for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    try:
+        model(example)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
+def read_decision(decision: object, model: nn.Module, order: list[str],
+                  norms: dict[str, str | None], reduce_range: bool = True
+                  ) -> dict[str, LayerQuant]:
+    """Check the decision record against the architecture, layer by layer."""
+    if not isinstance(decision, dict) or not decision:
+        raise UserError("checkpoint has no decision record")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    unknown = [n for n in decision if n not in layers]
+    if unknown:
+        raise UserError(f"decision does not fit the architecture: it names {unknown[0]!r}, "
+                        "which is not a Conv2d/Linear of the model")
+    missing = [n for n in layers if n not in decision]
+    if missing:
+        raise UserError(f"decision does not fit the architecture: no entry for layer "
+                        f"{missing[0]!r}")
+    uncalled = [n for n in layers if n not in order]
+    if uncalled:
+        raise UserError(f"layer {uncalled[0]!r} is never called by the model's forward pass")
+    out = {}
+    for name in order:
+        out[name] = _layer_quant(name, decision[name], layers[name], norms.get(name),
+                                 reduce_range)
+    return out
+
+
+def _layer_quant(name: str, d: object, module: nn.Module, norm: str | None,
+                 reduce_range: bool) -> LayerQuant:
+    where = f"decision for {name}"
+    if not isinstance(d, dict):
+        raise UserError(f"{where} is not a record")
+    for key in ("w_bits", "a_bits", "a_signed", "kept"):
+        if key not in d:
+            raise UserError(f"{where} lacks '{key}'")
+    w_bits, a_bits = d["w_bits"], d["a_bits"]
+    for key, bits in (("w_bits", w_bits), ("a_bits", a_bits)):
+        if isinstance(bits, bool) or not isinstance(bits, int) or \
+                (bits not in QUANT_BITS and bits != FLOAT_BITS):
+            raise UserError(f"{where}: {key} must be 2..8 or 32, got {bits!r}")
+    total = module.weight.shape[0]
+    kept = d["kept"]
+    if not isinstance(kept, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                             for i in kept):
+        raise UserError(f"{where}: kept must be a list of channel indices")
+    if not kept:
+        raise UserError(f"{where}: kept is empty; at least one output channel must remain")
+    if kept != sorted(set(kept)) or kept[0] < 0 or kept[-1] >= total:
+        raise UserError(f"{where}: kept must be sorted distinct indices in [0, {total}), "
+                        f"got {_short(kept)}")
+    bn = d.get("bn")
+    if bn != norm:
+        raise UserError(f"{where}: bn is {bn!r} but the BatchNorm directly after {name} is "
+                        f"{norm!r}")
+    is_conv = isinstance(module, nn.Conv2d)
+    a_signed = bool(d["a_signed"])
+    store = stored_weight_bits(w_bits, a_bits, a_signed, reduce_range) \
+        if w_bits in QUANT_BITS else w_bits
+    return LayerQuant(name, "conv" if is_conv else "linear", w_bits, a_bits, a_signed,
+                      tuple(kept), total, bn, store)
+
+
+def _short(items: list) -> str:
+    return str(items) if len(items) <= 8 else f"[{', '.join(map(str, items[:8]))}, ...]"
+
+
+def _input_shape(ckpt: dict) -> list[int]:
+    spec = ckpt.get("input")
+    shape = spec.get("shape") if isinstance(spec, dict) else None
+    if not isinstance(shape, list) or len(shape) != 4 or not all(
+            isinstance(s, int) and s > 0 for s in shape):
+        raise UserError(f"checkpoint input shape must be [1, C, H, W], got {shape!r}")
+    return [1, *shape[1:]]
+
+
+def _build(arch: object) -> nn.Module:
+    if not isinstance(arch, dict) or not ("name" in arch or "import" in arch):
+        raise UserError(f"checkpoint arch record is not understood: {arch!r}")
+    try:
+        return build_model(arch)
+    except UserError:
+        raise
+    except Exception as e:  # a builder rejecting its kwargs, for instance
+        raise UserError(f"cannot build the checkpoint's architecture {arch}: "
+                        f"{type(e).__name__}: {e}") from None
+
+
+def _drop_folded_norms(model: nn.Module, layers: dict[str, LayerQuant]) -> None:
+    """A `bn_folded` checkpoint trained `conv(x, w_folded) + b`: its BNs are gone."""
+    for name, lq in layers.items():
+        if lq.bn is None:
+            continue
+        _set_module(model, lq.bn, nn.Identity())
+        layer = model.get_submodule(name)
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
+
+
+def _load_weights(model: nn.Module, state: object, layers: dict[str, LayerQuant]) -> None:
+    if not isinstance(state, dict):
+        raise UserError("checkpoint state_dict is not a dict of tensors")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:
+        detail = next((s.strip() for s in str(e).splitlines() if "size mismatch" in s),
+                      str(e).splitlines()[0])
+        raise UserError(f"checkpoint weights do not fit the architecture: {detail[:200]}"
+                        ) from None
+    if missing:
+        raise UserError(f"checkpoint lacks {len(missing)} weight(s) of its architecture, "
+                        f"e.g. {missing[0]}")
+    # Search methods keep their own parameters (clips, gate thresholds) under a layer's name.
+    foreign = [k for k in unexpected if not any(k.startswith(f"{n}.") for n in layers)]
+    if foreign:
+        raise UserError(f"checkpoint holds {len(foreign)} tensor(s) the architecture lacks, "
+                        f"e.g. {foreign[0]}")
+
+
+def _read_clips(state: dict, layers: dict[str, LayerQuant]
+                ) -> dict[str, tuple[Tensor | None, Tensor | None]]:
+    clips = {}
+    for name, lq in layers.items():
+        w_clip = a_clip = None
+        if lq.w_quantized:
+            w_clip = _tensor(state, f"{name}.w_clip", (lq.total,))
+        if lq.a_quantized:
+            a_clip = _tensor(state, f"{name}.a_clip", ()).reshape(())
+        clips[name] = (w_clip, a_clip)
+    return clips
+
+
+def _tensor(state: dict, key: str, shape: tuple[int, ...]) -> Tensor:
+    t = state.get(key)
+    if not isinstance(t, Tensor):
+        raise UserError(f"checkpoint lacks {key}, needed by the layer's quantized bits")
+    if t.numel() != math.prod(shape) or not torch.isfinite(t).all():
+        raise UserError(f"checkpoint {key} has shape {list(t.shape)}, expected {list(shape)} "
+                        "of finite values")
+    return t.detach().float()
+
+
+@torch.no_grad()
+def _fold_norms(model: nn.Module, layers: dict[str, LayerQuant]) -> dict[str, Tensor]:
+    """Fold each layer's BN into it (in place); the per-channel BN scale `k` of each layer."""
+    k_of = {}
+    for name, lq in layers.items():
+        layer = model.get_submodule(name)
+        bn = model.get_submodule(lq.bn) if lq.bn else None
+        if not isinstance(bn, _BatchNorm):
+            k_of[name] = torch.ones(lq.total)
+            if layer.bias is None:
+                layer.bias = nn.Parameter(torch.zeros(lq.total))
+            continue
+        w, b, k = fold_bn(layer.weight, layer.bias, bn)
+        layer.weight = nn.Parameter(w)
+        layer.bias = nn.Parameter(b)
+        _set_module(model, lq.bn, nn.Identity())
+        k_of[name] = k
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return k_of
+
+
+@torch.no_grad()
+def _zero_pruned(model: nn.Module, layers: dict[str, LayerQuant]) -> None:
+    """The mask of the training model: channels outside `kept` are exactly zero after the BN."""
+    for name, lq in layers.items():
+        if len(lq.kept) == lq.total:
+            continue
+        drop = torch.ones(lq.total, dtype=torch.bool)
+        drop[list(lq.kept)] = False
+        layer = model.get_submodule(name)
+        layer.weight[drop] = 0
+        layer.bias[drop] = 0
+
+
+def _integer_layer(layer: nn.Module, lq: LayerQuant, clip: tuple[Tensor | None, Tensor | None],
+                   k: Tensor) -> nn.Module:
+    w_clip, a_clip = clip
+    w, b = layer.weight.detach(), layer.bias.detach()
+    codes = w_scale = a_scale = b_int = None
+    if lq.w_quantized:
+        clip_eff = (w_clip.abs() + CLIP_EPS) * k.abs()
+        s = scale(clip_eff, lq.w_store_bits, True)
+        # A zero BN gamma zeroes the folded channel: any scale stores it (as code 0).
+        s = torch.where(s > 0, s, torch.ones_like(s))
+        codes = quantize_int(w, s.view(-1, *([1] * (w.dim() - 1))), lq.w_store_bits, True)
+        w_scale = s
+    if lq.a_quantized:
+        a_scale = scale(a_clip.abs() + CLIP_EPS, lq.a_bits, lq.a_signed)
+    if lq.w_quantized and lq.a_quantized:
+        bias_scale = a_scale * w_scale
+        q = torch.round(b / bias_scale)
+        if q.abs().max() >= 2 ** 31:
+            raise UserError(f"{lq.name}: bias does not fit int32 at scale s_x*s_w "
+                            f"(max |b| {b.abs().max():.3g}); the clips are degenerate")
+        b_int = q
+    cls = IntConv2d if lq.kind == "conv" else IntLinear
+    return cls(layer, lq, codes, w_scale, a_scale, b_int)
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+class _Integer:
+    """Shared by the integer twins of Conv2d and Linear. Tensors indexed by output channel are
+    listed in `PER_OUT`, so pruning slices all of them the same way."""
+
+    PER_OUT = ("weight", "bias", "w_scale", "b_int")
+    lq: LayerQuant
+
+    def _init_integer(self, lq: LayerQuant, codes: Tensor | None, w_scale: Tensor | None,
+                      a_scale: Tensor | None, b_int: Tensor | None) -> None:
+        self.lq = lq
+        if codes is not None:
+            self.weight = nn.Parameter(codes, requires_grad=False)
+        for name, t in (("w_scale", w_scale), ("a_scale", a_scale), ("b_int", b_int)):
+            self.register_buffer(name, None if t is None else t.detach().clone())
+
+    def input_codes(self, x: Tensor) -> Tensor:
+        """The integers QuantizeLinear (+ Clip) hands this layer (as float)."""
+        return quantize_int(x, self.a_scale, self.lq.a_bits, self.lq.a_signed)
+
+    def _operands(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        if self.a_scale is not None:
+            x = self.input_codes(x) * self.a_scale
+        w = self.weight
+        if self.w_scale is not None:
+            w = w * self.w_scale.view(-1, *([1] * (w.dim() - 1)))
+        b = self.bias
+        if self.b_int is not None:
+            b = self.b_int * (self.a_scale * self.w_scale)
+        return x, w, b
+
+    def weight_range(self) -> tuple[int, int]:
+        return int_range(self.lq.w_store_bits, True)
+
+
+class IntConv2d(_Integer, nn.Conv2d):
+    """Conv2d computing with integer weights and a frozen input quantizer."""
+
+    def __init__(self, conv: nn.Conv2d, lq: LayerQuant, codes, w_scale, a_scale, b_int):
+        nn.Conv2d.__init__(self, conv.in_channels, conv.out_channels, conv.kernel_size,
+                           conv.stride, conv.padding, conv.dilation, conv.groups, True,
+                           conv.padding_mode)
+        self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
+        self.bias = nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self._init_integer(lq, codes, w_scale, a_scale, b_int)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(*self._operands(x))
+
+
+class IntLinear(_Integer, nn.Linear):
+    """Linear computing with integer weights and a frozen input quantizer."""
+
+    def __init__(self, linear: nn.Linear, lq: LayerQuant, codes, w_scale, a_scale, b_int):
+        nn.Linear.__init__(self, linear.in_features, linear.out_features, True)
+        self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+        self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self._init_integer(lq, codes, w_scale, a_scale, b_int)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(*self._operands(x))
+
+
+INTEGER_TYPES = (IntConv2d, IntLinear)

@@ -1,0 +1,103 @@
+"""Latency in ONNX Runtime (CPU EP, all graph optimizations): each model at each batch size and
+thread count, after warm-up, over at least `runs` timed runs; median and 90th percentile."""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+
+from abs_deploy.export.validate import session
+
+Progress = Callable[[Iterable, int, str], Iterable]
+MIN_RUNS = 50
+
+
+@dataclass
+class Timing:
+    model: str  # "fp_original" | "fp_pruned" | "qcdq"
+    batch: int
+    threads: int
+    median_ms: float
+    p90_ms: float
+    runs: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def all_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def cpu_name() -> str:
+    """The CPU's model name as the OS reports it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def measure(models: dict[str, onnx.ModelProto], input_shape: list[int],
+            batches: tuple[int, ...] = (1, 32), threads: tuple[int, ...] | None = None,
+            runs: int = MIN_RUNS, warmup: int = 5,
+            progress: Callable[[Iterable, int, str], Iterable] | None = None) -> list[Timing]:
+    """Every (model, batch, threads) combination. Within one (batch, threads) setting the
+    models take turns run by run, so a burst of other work on the machine slows all of them
+    alike instead of whichever happened to be timed then."""
+    threads = threads or tuple(sorted({1, all_threads()}))
+    runs = max(runs, MIN_RUNS)
+    rng = np.random.default_rng(0)
+    plan = [(b, t) for t in threads for b in batches]
+    steps = progress(plan, len(plan), "latency") if progress else plan
+    out, sessions = [], {}
+    for b, t in steps:
+        x = rng.standard_normal([b, *input_shape[1:]]).astype(np.float32)
+        for name, model in models.items():
+            if (name, t) not in sessions:
+                # Pool threads sleep instead of spinning between operators: on a machine that
+                # runs other work too, spinning threads time the contention, not the model
+                # (measured here: 3x slower at two threads on a busy 2-core machine).
+                sessions[name, t] = session(model, optimize=True, threads=t)
+        feeds = {name: {sessions[name, t].get_inputs()[0].name: x} for name in models}
+        times = {name: np.empty(runs) for name in models}
+        for i in range(-warmup, runs):
+            for name in models:
+                t0 = time.perf_counter()
+                sessions[name, t].run(None, feeds[name])
+                if i >= 0:
+                    times[name][i] = time.perf_counter() - t0
+        out += [Timing(name, b, t, float(np.median(v) * 1e3),
+                       float(np.percentile(v, 90) * 1e3), runs) for name, v in times.items()]
+    return out
+
+
+def speedups(timings: list[Timing], baseline: str = "fp_original"
+             ) -> dict[str, dict[str, float]]:
+    """For each `bs<batch>_t<threads>` setting, every model's speed relative to `baseline`
+    (baseline median / model median: above 1 is faster)."""
+    out: dict[str, dict[str, float]] = {}
+    for b, t in sorted({(r.batch, r.threads) for r in timings}):
+        rows = {r.model: r.median_ms for r in timings if (r.batch, r.threads) == (b, t)}
+        if rows.get(baseline):
+            out[f"bs{b}_t{t}"] = {m: rows[baseline] / v for m, v in rows.items()}
+    return out
+
+
+def headline_setting(timings: list[Timing]) -> str:
+    """The setting the summary quotes: the largest batch on one thread. On a machine that
+    runs other work too, one thread is the setting least disturbed by it."""
+    b = max(r.batch for r in timings)
+    return f"bs{b}_t{min(r.threads for r in timings if r.batch == b)}"

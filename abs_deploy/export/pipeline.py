@@ -1,0 +1,397 @@
+"""The export, end to end: checkpoint -> collapse -> prune -> ONNX -> simplify -> validate ->
+latency -> report. Every file is written to a temporary folder beside the output and moved into
+place only after all checks passed, so a failed export leaves nothing behind."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import torch
+
+from abs_deploy import bops, graph
+from abs_deploy.checkpoint import load_checkpoint
+from abs_deploy.data import Dataset, dataset_for
+from abs_deploy.errors import UserError
+from abs_deploy.export import report
+from abs_deploy.export.collapse import Collapsed, collapse
+from abs_deploy.export.errors import ExportFailed
+from abs_deploy.export.latency import MIN_RUNS, Timing, all_threads, cpu_name, measure
+from abs_deploy.export.onnx_graph import build_onnx, capture
+from abs_deploy.export.prune import prune
+from abs_deploy.export.qdq import ActQuant
+from abs_deploy.export.simplify import simplify
+from abs_deploy.export.validate import (
+    Batches,
+    FileCheck,
+    ModeParity,
+    Progress,
+    PruneParity,
+    accuracy,
+    check_file,
+    check_pruning,
+    check_qcdq,
+    no_progress,
+)
+from abs_deploy.quant import int_range
+
+FORMAT = "abs-deploy-qcdq/1"
+WEIGHTS = ("int8", "int4")
+
+
+@dataclass
+class ExportOptions:
+    output: str | os.PathLike | None = None  # default: the checkpoint's name with .onnx
+    opset: int = 21
+    weights: str = "int8"  # "int4": packed INT4 initializers for weights of <= 4 bits
+    simplify: bool = True
+    latency: bool = True
+    dataset: str | None = None  # default: the one the checkpoint names
+    data_dir: str | None = None
+    batch_size: int = 256
+    threads: int | None = None  # the "all threads" latency setting (default: every core)
+    latency_runs: int = MIN_RUNS
+    latency_batches: tuple[int, ...] = (1, 32)
+    reduce_range: bool = True  # 7-bit weights where 8-bit weights meet unsigned 8-bit inputs
+    max_images: int | None = None  # validate on the first N validation images only
+
+
+@dataclass
+class ExportResult:
+    files: dict[str, Path]  # onnx, fp32, json, md, png
+    report: dict
+    seconds: float
+    steps: dict[str, float] = field(default_factory=dict)
+
+
+def export_model(checkpoint: str | os.PathLike, options: ExportOptions | None = None,
+                 progress: Progress = no_progress,
+                 on_step: Callable[[str], None] | None = None) -> ExportResult:
+    """Export a `searched`/`finetuned` checkpoint (DESIGN §9). Raises `UserError` for bad input
+    and `ExportFailed` when a check misses; in both cases no file is left behind."""
+    opts = options or ExportOptions()
+    with _one_torch_thread():
+        return _export(Path(checkpoint), opts, progress, on_step)
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """PyTorch's OpenMP pool and ONNX Runtime's pool take turns on the same cores during
+    validation; with two OpenMP threads every parallel region waits for a descheduled peer
+    whenever anything else runs (measured: the export takes twice as long on a busy 2-core
+    machine). One torch thread costs little on this small work; the setting is restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _export(ckpt_path: Path, opts: ExportOptions, progress: Progress,
+            on_step: Callable[[str], None] | None) -> ExportResult:
+    t0 = time.perf_counter()
+    steps: dict[str, float] = {}
+    step = _Steps(steps, on_step)
+    out = _output_path(ckpt_path, opts)
+    if opts.weights not in WEIGHTS:
+        raise UserError(f"--weights must be one of {', '.join(WEIGHTS)}, got {opts.weights!r}")
+    tmp = _temp_dir(out.parent)
+    try:
+        with step("load"):
+            ckpt = load_checkpoint(ckpt_path, stages=("searched", "finetuned"))
+        with step("collapse"):
+            col = collapse(ckpt, opts.reduce_range)
+        with step("data"):
+            data = _dataset(ckpt, opts.dataset, opts.data_dir, col.input_shape)
+            batches = _batches(data, opts.batch_size, opts.max_images)
+        with step("prune"):
+            pruned = _prune(col)
+        with step("onnx"):
+            files = _Files.build(col, pruned, _metadata(ckpt, ckpt_path, col, data.name, opts),
+                                 opts)
+        if opts.simplify:
+            with step("simplify"):
+                files.qcdq, files.fp32 = simplify(files.qcdq), simplify(files.fp32)
+        with step("validate"):
+            checks = _validate(col, pruned, files, batches, progress)
+        timings: list[Timing] = []
+        if opts.latency:
+            with step("latency"):
+                threads = tuple(sorted({1, opts.threads or all_threads()}))
+                timings = measure({"fp_original": files.original, "fp_pruned": files.fp32,
+                                   "qcdq": files.qcdq}, col.input_shape, opts.latency_batches,
+                                  threads, opts.latency_runs, progress=progress)
+        with step("report"):
+            paths = {"onnx": tmp / out.name, "fp32": tmp / f"{out.stem}.fp32.onnx"}
+            onnx.save(files.qcdq, paths["onnx"])
+            onnx.save(files.fp32, paths["fp32"])
+            rep = _report(ckpt, ckpt_path, col, pruned, files, checks, timings, data.name,
+                          opts, paths["onnx"].stat().st_size)
+            rep["files"] = {**{k: p.name for k, p in paths.items()},
+                            **{k: f"report.{k}" for k in ("json", "md", "png")}}
+            rep["seconds"] = {**steps, "total": time.perf_counter() - t0}
+            paths.update(report.write(rep, tmp))
+        final = _move_into_place(paths, out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(tmp, ignore_errors=True)
+    return ExportResult(final, rep, time.perf_counter() - t0, steps)
+
+
+@dataclass
+class _Pruned:
+    float: torch.nn.Module  # the masked float model without its pruned channels
+    reference: torch.nn.Module  # the integer reference, likewise
+    in_kept: dict[str, int]  # input channels each consumer keeps
+
+
+def _prune(col: Collapsed) -> _Pruned:
+    kept = {n: list(lq.kept) for n, lq in col.layers.items()}
+    if all(len(lq.kept) == lq.total for lq in col.layers.values()):
+        return _Pruned(col.masked_float, col.reference, {})
+    groups = graph.channel_groups(col.original, torch.zeros(col.input_shape))
+    return _Pruned(prune(col.masked_float, groups, kept), prune(col.reference, groups, kept),
+                   graph.input_kept(groups, kept))
+
+
+@dataclass
+class _Files:
+    qcdq: onnx.ModelProto
+    fp32: onnx.ModelProto  # the pruned float model
+    original: onnx.ModelProto | None  # the FP original, built only to time it
+    quant: dict[str, ActQuant]  # layer -> what its activation quantizer became
+
+    @classmethod
+    def build(cls, col: Collapsed, pruned: _Pruned, meta: dict[str, str],
+              opts: ExportOptions) -> _Files:
+        # One capture of the pruned float model serves both files made from it.
+        ep = capture(pruned.float, col.input_shape)
+        fp32 = build_onnx(ep, col.input_shape, opset=opts.opset,
+                          metadata={**meta, "abs_deploy.kind": "fp32-pruned"}).model
+        integer = {n: pruned.reference.get_submodule(n) for n in col.layers}
+        qcdq = build_onnx(ep, col.input_shape, opset=opts.opset, integer=integer,
+                          weights=opts.weights, metadata=meta)
+        original = build_onnx(capture(col.original, col.input_shape), col.input_shape,
+                              opset=opts.opset).model if opts.latency else None
+        return cls(qcdq.model, fp32, original, qcdq.quant)
+
+
+@dataclass
+class _Checks:
+    pruning: PruneParity
+    reference_accuracy: float
+    off: ModeParity
+    full: ModeParity
+    float_accuracy: float  # the checkpoint's weights run in float (the `original` model)
+
+
+def _validate(col: Collapsed, pruned: _Pruned, files: _Files, batches: Batches,
+              progress: Progress) -> _Checks:
+    pruning = check_pruning(col.masked_float, pruned.float, files.fp32, col.layers, batches,
+                            progress)
+    ref_acc, off, full = check_qcdq(files.qcdq, pruned.reference, col.layers, batches, progress)
+    failures = [f for f in (pruning.failure, off.failure, full.failure) if f]
+    if failures:
+        raise ExportFailed(" | ".join(failures))
+    return _Checks(pruning, ref_acc, off, full, accuracy(col.original, batches))
+
+
+def _report(ckpt: dict, ckpt_path: Path, col: Collapsed, pruned: _Pruned, files: _Files,
+            checks: _Checks, timings: list[Timing], dataset: str, opts: ExportOptions,
+            file_bytes: int) -> dict:
+    costs = bops.layer_costs(col.original, tuple(col.input_shape))
+    rows = report.layer_rows(col.layers, costs, pruned.in_kept, pruned.float, col.original,
+                             files.quant)
+    return {
+        "checkpoint": str(ckpt_path), "stage": ckpt["stage"],
+        "method": ckpt.get("method", "unknown"), "arch": _arch_name(ckpt["arch"]),
+        "dataset": dataset, "input_shape": col.input_shape,
+        "options": {"opset": opts.opset, "weights": opts.weights, "simplified": opts.simplify,
+                    "reduce_range": opts.reduce_range},
+        "layers": rows,
+        "totals": report.totals(rows, _params(col.original), _params(pruned.float),
+                                files.original.ByteSize() if files.original else None,
+                                file_bytes),
+        "accuracy": dataclasses.asdict(report.Accuracy(
+            *_fp_accuracy(ckpt, checks.float_accuracy), checks.float_accuracy,
+            checks.reference_accuracy, checks.full.accuracy, checks.off.accuracy,
+            checks.full.images)),
+        "checkpoint_metrics": ckpt.get("metrics", {}),
+        "parity": report.parity_section(checks.pruning, checks.off, checks.full),
+        "latency": report.latency_section(timings, cpu_name()),
+        "notes": col.notes + _notes(rows),
+    }
+
+
+def validate_file(path: str | os.PathLike, dataset: str | None = None,
+                  data_dir: str | None = None, batch_size: int = 256,
+                  max_images: int | None = None, progress: Progress = no_progress) -> FileCheck:
+    """`abs validate`: an exported file's accuracy in ORT with and without optimizations and
+    how well the two agree. Normalisation (and the default dataset) come from its metadata."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    try:
+        meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+        spec = json.loads(meta.get("abs_deploy.input", "{}"))
+    except Exception as e:  # protobuf DecodeError, a JSON error in foreign metadata
+        raise UserError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+    dataset = dataset or spec.get("dataset")
+    if not dataset:
+        raise UserError(f"{path} names no dataset in its metadata; give --dataset")
+    data = _with_normalisation(dataset_for(spec, data_dir, dataset), spec)
+    return check_file(str(path), _batches(data, batch_size, max_images), progress)
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+class _Steps:
+    """Times each step into `steps` and announces it."""
+
+    def __init__(self, steps: dict[str, float], on_step: Callable[[str], None] | None) -> None:
+        self.steps, self.on_step, self.name = steps, on_step, ""
+
+    def __call__(self, name: str) -> _Steps:
+        self.name = name
+        return self
+
+    def __enter__(self) -> None:
+        if self.on_step:
+            self.on_step(self.name)
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.steps[self.name] = time.perf_counter() - self.t0
+
+
+def _output_path(ckpt: Path, opts: ExportOptions) -> Path:
+    out = Path(opts.output) if opts.output else ckpt.with_suffix(".onnx")
+    if out.suffix != ".onnx":
+        raise UserError(f"output {out} must end in .onnx")
+    if out.is_dir():
+        raise UserError(f"output {out} is a folder; give a file name ending in .onnx")
+    if not out.parent.is_dir():
+        raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
+    return out
+
+
+def _temp_dir(folder: Path) -> Path:
+    try:
+        return Path(tempfile.mkdtemp(prefix=".abs-export-", dir=folder))
+    except OSError as e:
+        raise UserError(f"cannot write to {folder}: {e.strerror}") from None
+
+
+def _move_into_place(files: dict[str, Path], folder: Path) -> dict[str, Path]:
+    final: dict[str, Path] = {}
+    try:
+        for key, src in files.items():
+            dst = folder / src.name
+            os.replace(src, dst)
+            final[key] = dst
+    except OSError as e:
+        for p in final.values():
+            p.unlink(missing_ok=True)
+        raise UserError(f"cannot write {folder / src.name}: {e.strerror}") from None
+    return final
+
+
+def _with_normalisation(data: Dataset, spec: dict) -> Dataset:
+    """The model expects the normalisation it was trained with, which the checkpoint (or the
+    ONNX metadata) carries; a dataset given by name may compute its own."""
+    mean, std = spec.get("mean"), spec.get("std")
+    channels = data.val_x.shape[1]
+    if isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == channels:
+        return dataclasses.replace(data, mean=list(mean), std=list(std))
+    return data
+
+
+def _dataset(ckpt: dict, name: str | None, data_dir: str | None, shape: list[int]) -> Dataset:
+    spec = ckpt["input"] if isinstance(ckpt["input"], dict) else {}
+    name = name or spec.get("dataset")
+    if not name:
+        raise UserError("the checkpoint names no dataset; give --dataset (and --data-dir)")
+    data = dataset_for({**spec, "shape": shape}, data_dir, name)
+    if list(data.val_x.shape[1:]) != shape[1:]:
+        raise UserError(f"dataset {name} has images of shape {list(data.val_x.shape[1:])}, "
+                        f"the model takes {shape[1:]}")
+    if data.num_classes > int(ckpt["num_classes"]):
+        raise UserError(f"dataset {name} has {data.num_classes} classes, the model "
+                        f"{ckpt['num_classes']}")
+    return _with_normalisation(data, spec)
+
+
+def _batches(data: Dataset, batch_size: int, max_images: int | None) -> Batches:
+    if batch_size < 1:
+        raise UserError(f"batch size must be positive, got {batch_size}")
+    out, seen = [], 0
+    for x, y in data.batches("val", batch_size):
+        if max_images is not None and seen + len(y) > max_images:
+            x, y = x[:max_images - seen], y[:max_images - seen]
+        if len(y):
+            out.append((x, y))
+        seen += len(y)
+        if max_images is not None and seen >= max_images:
+            break
+    if not out:
+        raise UserError(f"dataset {data.name} has no validation images")
+    return out
+
+
+def _metadata(ckpt: dict, path: Path, col: Collapsed, dataset: str, opts: ExportOptions
+              ) -> dict[str, str]:
+    decision = {n: {"w_bits": lq.w_bits, "a_bits": lq.a_bits, "a_signed": lq.a_signed,
+                    "w_store_bits": lq.w_store_bits, "kept": list(lq.kept), "total": lq.total}
+                for n, lq in col.layers.items()}
+    spec = ckpt["input"] if isinstance(ckpt["input"], dict) else {}
+    return {
+        "abs_deploy.format": FORMAT,
+        "abs_deploy.kind": "qcdq",
+        "abs_deploy.decision": json.dumps(decision, separators=(",", ":")),
+        "abs_deploy.input": json.dumps({"shape": col.input_shape, "mean": spec.get("mean"),
+                                        "std": spec.get("std"), "dataset": dataset}),
+        "abs_deploy.source": json.dumps({"checkpoint": path.name, "stage": ckpt["stage"],
+                                         "method": ckpt.get("method"),
+                                         "arch": ckpt["arch"]}),
+        "abs_deploy.weights": opts.weights,
+    }
+
+
+def _fp_accuracy(ckpt: dict, float_accuracy: float) -> tuple[float, str]:
+    """The FP original's accuracy: a fine-tuned checkpoint's weights are no longer the FP
+    model's, so the figure the search side recorded (`metrics.fp_top1`) comes first."""
+    recorded = (ckpt.get("metrics") or {}).get("fp_top1")
+    if isinstance(recorded, (int, float)):
+        return float(recorded), "checkpoint"
+    return float_accuracy, "float weights"
+
+
+def _arch_name(arch: dict) -> str:
+    return str(arch.get("name") or arch.get("import"))
+
+
+def _params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _notes(rows: list[dict]) -> list[str]:
+    notes = ["the int32 bias (scale s_x*s_w) is rounded once from the folded float bias; the "
+             "reference computes with the same integers"]
+    narrowed = [f"{r['name']} {r['act_folded']} -> codes {r['act_clip']}" for r in rows
+                if r["act_folded"] and tuple(r["act_clip"]) != int_range(r["a_bits"],
+                                                                         r["a_signed"])]
+    if narrowed:
+        notes.append("float clamps folded into a narrower integer Clip: " + ", ".join(narrowed))
+    return notes

@@ -1,0 +1,121 @@
+"""Every QuantizeLinear, DequantizeLinear and integer Clip of the export (DESIGN §10, "QCDQ").
+
+- Weights: an int8 initializer whose values already lie in the b-bit range (or a packed INT4
+  one with `--weights int4` when b <= 4), then one per-channel DequantizeLinear (axis 0).
+- Activations: QuantizeLinear (uint8 or int8, zero point 0) -> integer Clip to the b-bit range
+  -> DequantizeLinear. The Clip is left out when the range is the whole container (8 bits).
+- Bias of a layer with both tensors quantized: int32 at scale `s_x * s_w`, through a
+  DequantizeLinear, the form ONNX Runtime fuses into QLinearConv / QGemm.
+
+A float clamp (ReLU, ReLU6) directly in front of a quantizer is folded into the integer Clip
+instead of being emitted between the producer and its QuantizeLinear, where it would block the
+fusion: rounding is monotone, so `round(clamp(x, a, b) / s) = clamp(round(x / s), round(a / s),
+round(b / s))` exactly.
+
+Names: nodes are `<layer>.<tag>.<role>` (`layer1.0.conv1.w4a4.act_q`); the layer's own node is
+`<layer>.<tag>`. Validation and the survival check after onnxsim find the nodes by these names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from onnx import TensorProto, helper
+
+from abs_deploy.quant import int_range
+
+if TYPE_CHECKING:
+    from abs_deploy.export.collapse import LayerQuant
+    from abs_deploy.export.onnx_graph import GraphBuilder
+
+ROLES = ("act_q", "act_clip", "act_dq", "w_dq", "b_dq")
+INT4_MAX_BITS = 4
+
+
+@dataclass(frozen=True)
+class ActQuant:
+    """What the activation quantizer of one layer became in the graph."""
+
+    output: str  # the DequantizeLinear output the layer reads
+    codes: str  # the integer tensor (Clip output, or QuantizeLinear output without a Clip)
+    bounds: tuple[int, int]  # the integer range enforced
+    folded: str | None  # the float clamp folded into it, e.g. "clamp(0, 6)"
+
+
+def node_name(lq: LayerQuant, role: str | None = None) -> str:
+    base = f"{lq.name}.{lq.tag}"
+    return base if role is None else f"{base}.{role}"
+
+
+def activation(b: GraphBuilder, x: str, lq: LayerQuant, a_scale: torch.Tensor,
+               clamp: tuple[float | None, float | None] = (None, None)) -> ActQuant:
+    """QuantizeLinear -> [Clip] -> DequantizeLinear in front of layer `lq`, reading `x`."""
+    lo, hi = int_range(lq.a_bits, lq.a_signed)
+    folded = None
+    if clamp != (None, None):
+        lo, hi = fold_clamp(lo, hi, a_scale, *clamp)
+        folded = f"clamp({_num(clamp[0])}, {_num(clamp[1])})"
+    dtype = np.int8 if lq.a_signed else np.uint8
+    container = (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
+    scale = b.initializer(f"{lq.name}.act_scale", _f32(a_scale).reshape(()))
+    zero = b.initializer(f"{lq.name}.act_zero", np.zeros((), dtype))
+    codes = b.node("QuantizeLinear", [x, scale, zero], node_name(lq, "act_q"))
+    if (lo, hi) != container:
+        lo_t = b.initializer(f"{lq.name}.act_min", np.array(lo, dtype))
+        hi_t = b.initializer(f"{lq.name}.act_max", np.array(hi, dtype))
+        codes = b.node("Clip", [codes, lo_t, hi_t], node_name(lq, "act_clip"))
+    out = b.node("DequantizeLinear", [codes, scale, zero], node_name(lq, "act_dq"))
+    return ActQuant(out, codes, (lo, hi), folded)
+
+
+def fold_clamp(lo: int, hi: int, a_scale: torch.Tensor, c_min: float | None,
+               c_max: float | None) -> tuple[int, int]:
+    """The integer bounds of `quantize(clamp(x, c_min, c_max))` for a quantizer clamping to
+    [lo, hi]. Two clamps compose to the clamp between the images of -inf and +inf. `x / s` in
+    float32 and rounding half to even, as the reference and QuantizeLinear compute it."""
+    s = a_scale.float().reshape(())
+
+    def code(v: float) -> int:
+        return int(torch.round(torch.tensor(v, dtype=torch.float32) / s))
+
+    new_lo = lo if c_min is None else min(max(code(c_min), lo), hi)
+    new_hi = hi if c_max is None else min(max(code(c_max), lo), hi)
+    return new_lo, new_hi
+
+
+def weight(b: GraphBuilder, lq: LayerQuant, codes: torch.Tensor, w_scale: torch.Tensor,
+           packing: str = "int8") -> str:
+    """Integer weight initializer + per-channel DequantizeLinear (axis 0, zero point 0)."""
+    q = codes.detach().round().to(torch.int64).numpy()
+    lo, hi = int_range(lq.w_store_bits, True)
+    if q.min() < lo or q.max() > hi:
+        raise ValueError(f"{lq.name}: weight codes outside the {lq.w_store_bits}-bit range")
+    n = q.shape[0]
+    if packing == "int4" and lq.w_store_bits <= INT4_MAX_BITS:
+        w = b.initializer(f"{lq.name}.weight_q", helper.make_tensor(
+            f"{lq.name}.weight_q", TensorProto.INT4, q.shape, q.flatten().tolist()))
+        zero = b.initializer(f"{lq.name}.weight_zero", helper.make_tensor(
+            f"{lq.name}.weight_zero", TensorProto.INT4, [n], [0] * n))
+    else:
+        w = b.initializer(f"{lq.name}.weight_q", q.astype(np.int8))
+        zero = b.initializer(f"{lq.name}.weight_zero", np.zeros(n, np.int8))
+    scale = b.initializer(f"{lq.name}.weight_scale", _f32(w_scale))
+    return b.node("DequantizeLinear", [w, scale, zero], node_name(lq, "w_dq"), axis=0)
+
+
+def bias(b: GraphBuilder, lq: LayerQuant, b_int: torch.Tensor, bias_scale: torch.Tensor) -> str:
+    """int32 bias at the accumulator scale `s_x * s_w[c]`."""
+    q = b.initializer(f"{lq.name}.bias_q", b_int.detach().round().to(torch.int32).numpy())
+    scale = b.initializer(f"{lq.name}.bias_scale", _f32(bias_scale))
+    return b.node("DequantizeLinear", [q, scale], node_name(lq, "b_dq"), axis=0)
+
+
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to(torch.float32).numpy().copy()
+
+
+def _num(v: float | None) -> str:
+    return "none" if v is None else f"{v:g}"

@@ -1,0 +1,430 @@
+"""Validation in ONNX Runtime (CPU) against the PyTorch reference (DESIGN §9).
+
+Three checks, each over the same validation batches:
+
+- Pruning: the pruned float model equals the masked unpruned one (logits and every layer's
+  output at its kept channels, to 1e-5 relative), in PyTorch and as `model.fp32.onnx` in ORT.
+- QCDQ, optimizations off: ORT computes DequantizeLinear in float, the reference's own math;
+  the logits must match to 1e-4 relative.
+- QCDQ, all optimizations: ORT fuses the QDQ groups into int8 kernels (QLinearConv, QGemm)
+  whose requantization rounds once where the reference rounds twice, so a code may move by
+  one: top-1 must agree on >= 99.5% of the images, and the integer codes every quantized layer
+  reads must be equal on >= 99.9% of the elements and never more than 1 apart.
+
+Float sums taken in another order move a value across a rounding boundary now and then: one
+code. A coarse quantizer feeding a fine one magnifies that step (one 2-bit step is many 8-bit
+steps) and an untrained network can carry it to the logits, so the codes and the logits of
+the float mode are compared layer by layer: in a copy of the model cut at every quantizer,
+each layer's DequantizeLinear reads the reference's codes and each quantizer's output is a
+graph output. Accuracy and top-1 agreement come from the file as it is, run end to end (its
+end-to-end logit error is reported too). A miss names the first layer, in execution order,
+whose codes diverge. The cut copy fuses like the file except where a graph output pins a type:
+ORT on x64 turns int8 activations into uint8 + 128, which it cannot do to a graph output.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import Tensor, nn
+
+from abs_deploy.errors import UserError
+from abs_deploy.export import qdq
+from abs_deploy.export.collapse import LayerQuant
+from abs_deploy.export.errors import ExportFailed
+
+Progress = Callable[[Iterable, int, str], Iterable]
+Batches = list[tuple[Tensor, Tensor]]
+
+OFF_LOGITS_RTOL = 1e-4
+FULL_TOP1_AGREEMENT = 0.995
+FULL_CODES_EQUAL = 0.999
+FULL_CODES_MAX_DIFF = 1
+PRUNE_RTOL = 1e-5
+
+
+def no_progress(it: Iterable, total: int, desc: str) -> Iterable:
+    return it
+
+
+@dataclass
+class LayerCodes:
+    layer: str
+    count: int = 0
+    equal: int = 0
+    max_diff: int = 0
+
+    @property
+    def equal_fraction(self) -> float:
+        return self.equal / self.count if self.count else 1.0
+
+
+@dataclass
+class ModeParity:
+    """ORT in one optimization mode against the reference."""
+
+    mode: str  # "off" | "all"
+    images: int = 0
+    accuracy: float = 0.0
+    top1_agreement: float = 0.0  # of the file as it is, end to end
+    logits_rel: float = 0.0  # max |ort - ref| / max |ref|, each segment fed reference codes
+    end_to_end_logits_rel: float = 0.0  # the same, the file run end to end
+    codes_equal: float | None = None  # over every quantized input of every layer
+    codes_max_diff: int | None = None
+    layers: list[LayerCodes] = field(default_factory=list)
+    failure: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.failure is None
+
+    def as_dict(self) -> dict:
+        return {"mode": self.mode, "images": self.images, "accuracy": self.accuracy,
+                "top1_agreement": self.top1_agreement, "logits_rel": self.logits_rel,
+                "end_to_end_logits_rel": self.end_to_end_logits_rel,
+                "codes_equal": self.codes_equal, "codes_max_diff": self.codes_max_diff,
+                "passed": self.passed, "failure": self.failure,
+                "layers": [{"layer": c.layer, "elements": c.count,
+                            "equal": c.equal_fraction, "max_diff": c.max_diff}
+                           for c in self.layers]}
+
+
+@dataclass
+class PruneParity:
+    """The pruned float model against the masked unpruned one."""
+
+    logits_rel: float = 0.0  # PyTorch pruned vs masked
+    onnx_logits_rel: float = 0.0  # model.fp32.onnx in ORT vs masked
+    worst_layer: str | None = None
+    worst_layer_rel: float = 0.0
+    failure: str | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.failure is None
+
+    def as_dict(self) -> dict:
+        return {"logits_rel": self.logits_rel, "onnx_logits_rel": self.onnx_logits_rel,
+                "worst_layer": self.worst_layer, "worst_layer_rel": self.worst_layer_rel,
+                "passed": self.passed, "failure": self.failure}
+
+
+def session(model: onnx.ModelProto | bytes | str, optimize: bool = True,
+            threads: int | None = None, spin: bool = False) -> ort.InferenceSession:
+    """A CPU session; `optimize=False` runs the graph as written (float DQ math)."""
+    so = ort.SessionOptions()
+    so.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize
+                                   else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    so.log_severity_level = 3
+    if not spin:
+        # Idle pool threads that spin steal the cores PyTorch needs between ORT runs.
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    try:
+        return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+    except Exception as e:  # ORT raises its own exception types from C++
+        mode = "optimized" if optimize else "unoptimized"
+        raise ExportFailed(f"ONNX Runtime cannot load the {mode} model: "
+                           f"{str(e).strip().splitlines()[0][:240]}") from e
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, batches: Batches) -> float:
+    model.eval()
+    correct = sum((model(x).argmax(1) == y).sum().item() for x, y in batches)
+    return correct / max(1, sum(len(y) for _, y in batches))
+
+
+# --- pruning ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def check_pruning(masked: nn.Module, pruned: nn.Module, fp32_onnx: onnx.ModelProto,
+                  layers: dict[str, LayerQuant], batches: Batches,
+                  progress: Progress = no_progress) -> PruneParity:
+    result = PruneParity()
+    sess = session(fp32_onnx)
+    num = {n: 0.0 for n in layers}
+    den = {n: 0.0 for n in layers}
+    logit = [0.0, 0.0, 0.0]  # max |pruned - masked|, max |onnx - masked|, max |masked|
+    for x, _ in progress(batches, len(batches), "check pruning"):
+        out_m, acts_m = _run_with_outputs(masked, layers, x)
+        out_p, acts_p = _run_with_outputs(pruned, layers, x)
+        out_o = torch.from_numpy(sess.run(None, {"input": x.numpy()})[0])
+        for name, lq in layers.items():
+            kept = torch.tensor(lq.kept)
+            ref = acts_m[name].index_select(1, kept)
+            num[name] = max(num[name], (acts_p[name] - ref).abs().max().item())
+            den[name] = max(den[name], ref.abs().max().item())
+        logit[0] = max(logit[0], (out_p - out_m).abs().max().item())
+        logit[1] = max(logit[1], (out_o - out_m).abs().max().item())
+        logit[2] = max(logit[2], out_m.abs().max().item())
+    rel = {n: num[n] / max(den[n], 1e-30) for n in layers}
+    result.logits_rel = logit[0] / max(logit[2], 1e-30)
+    result.onnx_logits_rel = logit[1] / max(logit[2], 1e-30)
+    result.worst_layer = max(rel, key=rel.get)
+    result.worst_layer_rel = rel[result.worst_layer]
+    first = next((n for n in layers if rel[n] > PRUNE_RTOL), None)
+    if first is not None:
+        result.failure = (f"pruned float model differs from the masked one at {first} "
+                          f"({rel[first]:.2e} relative, limit {PRUNE_RTOL:g})")
+    elif result.logits_rel > PRUNE_RTOL:
+        result.failure = (f"pruned float model's logits differ from the masked one by "
+                          f"{result.logits_rel:.2e} relative (limit {PRUNE_RTOL:g})")
+    elif result.onnx_logits_rel > PRUNE_RTOL:
+        result.failure = (f"model.fp32.onnx in ORT differs from the masked PyTorch model by "
+                          f"{result.onnx_logits_rel:.2e} relative (limit {PRUNE_RTOL:g})")
+    return result
+
+
+def _run_with_outputs(model: nn.Module, layers: dict[str, LayerQuant], x: Tensor
+                      ) -> tuple[Tensor, dict[str, Tensor]]:
+    acts: dict[str, Tensor] = {}
+
+    def hook_for(name):
+        def hook(module, inputs, output):
+            acts[name] = output
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in layers]
+    try:
+        out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return out, acts
+
+
+# --- QCDQ against the reference --------------------------------------------------------------
+
+
+@torch.no_grad()
+def check_qcdq(model: onnx.ModelProto, reference: nn.Module, layers: dict[str, LayerQuant],
+               batches: Batches, progress: Progress = no_progress
+               ) -> tuple[float, ModeParity, ModeParity]:
+    """(reference accuracy, ORT without optimizations, ORT with all optimizations)."""
+    codes = _code_tensors(model, layers)
+    cut = layerwise(model, codes, layers)
+    plain = {"off": session(model, optimize=False), "all": session(model, optimize=True)}
+    local = {"off": session(cut, optimize=False), "all": session(cut, optimize=True)}
+    modes = {m: _ModeStats(m, list(codes)) for m in plain}
+    ref_correct = total = 0
+    for x, y in progress(batches, len(batches), "validate in ORT"):
+        ref_logits, ref_codes = _reference(reference, codes, x)
+        ref_correct += (ref_logits.argmax(1) == y).sum().item()
+        total += len(y)
+        feed = {"input": x.numpy()}
+        local_feed = {**feed, **{_fed(n): c.astype(_dtype(layers[n])) for n, c in
+                                 ref_codes.items()}}
+        for mode in plain:
+            logits = plain[mode].run(None, feed)[0]
+            forced, *got = local[mode].run(None, local_feed)
+            modes[mode].add(logits, forced, ref_logits.numpy(), y.numpy(),
+                            dict(zip(codes, got, strict=True)), ref_codes)
+    return (ref_correct / max(total, 1), modes["off"].result(total),
+            modes["all"].result(total))
+
+
+def _code_tensors(model: onnx.ModelProto, layers: dict[str, LayerQuant]) -> dict[str, str]:
+    """Layer -> the tensor holding the integer codes it reads, found by node name."""
+    out_of = {n.name: n.output[0] for n in model.graph.node}
+    codes = {}
+    for name, lq in layers.items():
+        if not lq.a_quantized:
+            continue
+        for role in ("act_clip", "act_q"):
+            node = qdq.node_name(lq, role)
+            if node in out_of:
+                codes[name] = out_of[node]
+                break
+        else:
+            raise ExportFailed(f"no quantizer node found for {name} in the ONNX model")
+    return codes
+
+
+def layerwise(model: onnx.ModelProto, codes: dict[str, str], layers: dict[str, LayerQuant]
+              ) -> onnx.ModelProto:
+    """A copy of `model` cut at every quantizer: the codes each layer computes become outputs,
+    and the DequantizeLinear in front of each layer reads its codes from a new input instead.
+    Fed the reference's codes, each layer's codes then depend only on its own kernels, not on
+    a one-code difference upstream that a fine quantizer after a coarse one would magnify."""
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    readers = {i: n for n in cut.graph.node if n.op_type == "DequantizeLinear"
+               for i in n.input[:1]}
+    for name, tensor in codes.items():
+        elem = _elem(layers[name])
+        readers[tensor].input[0] = _fed(name)
+        cut.graph.input.append(onnx.helper.make_tensor_value_info(_fed(name), elem, None))
+        cut.graph.output.append(onnx.helper.make_tensor_value_info(tensor, elem, None))
+    return cut
+
+
+def _fed(layer: str) -> str:
+    return f"{layer}.codes_in"
+
+
+def _elem(lq: LayerQuant) -> int:
+    return onnx.TensorProto.INT8 if lq.a_signed else onnx.TensorProto.UINT8
+
+
+def _dtype(lq: LayerQuant) -> type:
+    return np.int8 if lq.a_signed else np.uint8
+
+
+def _reference(reference: nn.Module, codes: dict[str, str], x: Tensor
+               ) -> tuple[Tensor, dict[str, np.ndarray]]:
+    seen: dict[str, np.ndarray] = {}
+
+    def hook_for(name):
+        def hook(module, inputs):
+            seen[name] = module.input_codes(inputs[0]).to(torch.int32).numpy()
+        return hook
+
+    handles = [reference.get_submodule(n).register_forward_pre_hook(hook_for(n))
+               for n in codes]
+    try:
+        logits = reference(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return logits, seen
+
+
+class _ModeStats:
+    def __init__(self, mode: str, layers: list[str]) -> None:
+        self.mode = mode
+        self.layers = {n: LayerCodes(n) for n in layers}
+        self.correct = self.agree = 0
+        self.diff = self.forced_diff = self.scale = 0.0
+
+    def add(self, logits: np.ndarray, forced: np.ndarray, ref: np.ndarray, y: np.ndarray,
+            codes: dict[str, np.ndarray], ref_codes: dict[str, np.ndarray]) -> None:
+        self.correct += int((logits.argmax(1) == y).sum())
+        self.agree += int((logits.argmax(1) == ref.argmax(1)).sum())
+        self.diff = max(self.diff, float(np.abs(logits - ref).max()))
+        self.forced_diff = max(self.forced_diff, float(np.abs(forced - ref).max()))
+        self.scale = max(self.scale, float(np.abs(ref).max()))
+        for name, c in self.layers.items():
+            d = np.abs(codes[name].astype(np.int32) - ref_codes[name])
+            c.count += d.size
+            c.equal += int((d == 0).sum())
+            c.max_diff = max(c.max_diff, int(d.max()) if d.size else 0)
+
+    def result(self, total: int) -> ModeParity:
+        layers = list(self.layers.values())
+        count = sum(c.count for c in layers)
+        scale = max(self.scale, 1e-30)
+        r = ModeParity(self.mode, total, self.correct / max(total, 1),
+                       self.agree / max(total, 1), self.forced_diff / scale, self.diff / scale,
+                       layers=layers)
+        if count:
+            r.codes_equal = sum(c.equal for c in layers) / count
+            r.codes_max_diff = max(c.max_diff for c in layers)
+        r.failure = self._failure(r)
+        return r
+
+    def _failure(self, r: ModeParity) -> str | None:
+        first_diff = next((c for c in r.layers if c.equal < c.count), None)
+        if self.mode == "off":
+            if r.logits_rel <= OFF_LOGITS_RTOL:
+                return None
+            return (f"ORT without optimizations: logits differ from the reference by "
+                    f"{r.logits_rel:.2e} relative (limit {OFF_LOGITS_RTOL:g}); "
+                    f"{_where(first_diff)}")
+        bad = next((c for c in r.layers if c.max_diff > FULL_CODES_MAX_DIFF
+                    or c.equal_fraction < FULL_CODES_EQUAL), None)
+        problems = []
+        if r.top1_agreement < FULL_TOP1_AGREEMENT:
+            problems.append(f"top-1 agreement {100 * r.top1_agreement:.2f}% "
+                            f"(needs {100 * FULL_TOP1_AGREEMENT:g}%)")
+        if r.codes_equal is not None and r.codes_equal < FULL_CODES_EQUAL:
+            problems.append(f"codes equal on {100 * r.codes_equal:.3f}% "
+                            f"(needs {100 * FULL_CODES_EQUAL:g}%)")
+        if r.codes_max_diff is not None and r.codes_max_diff > FULL_CODES_MAX_DIFF:
+            problems.append(f"codes up to {r.codes_max_diff} apart (limit "
+                            f"{FULL_CODES_MAX_DIFF})")
+        if not problems:
+            return None
+        return (f"ORT with all optimizations: {', '.join(problems)}; "
+                f"{_where(bad or first_diff)}")
+
+
+def _where(c: LayerCodes | None) -> str:
+    if c is None:
+        return "every layer's input codes match, the divergence is after the last quantizer"
+    return (f"first diverging layer {c.layer} ({c.count - c.equal} of {c.count} input codes "
+            f"differ, up to {c.max_diff})")
+
+
+# --- an exported file on its own (`abs validate`) --------------------------------------------
+
+
+@dataclass
+class FileCheck:
+    """An exported file run in ORT with and without optimizations."""
+
+    path: str
+    images: int
+    accuracy_all: float
+    accuracy_off: float
+    top1_agreement: float
+    logits_rel: float
+    decision: dict | None
+    failure: str | None
+
+    @property
+    def passed(self) -> bool:
+        return self.failure is None
+
+
+def read_metadata(model: onnx.ModelProto) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for p in model.metadata_props:
+        try:
+            out[p.key] = json.loads(p.value)
+        except ValueError:
+            out[p.key] = p.value
+    return out
+
+
+def check_file(path: str, batches: Batches, progress: Progress = no_progress) -> FileCheck:
+    try:
+        model = onnx.load(path)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise UserError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+    shape = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
+    if batches and list(batches[0][0].shape[1:]) != shape:
+        raise UserError(f"{path} takes inputs of shape [N, {', '.join(map(str, shape))}], the "
+                        f"dataset gives {list(batches[0][0].shape)}")
+    full, off = session(model, True), session(model, False)
+    correct = [0, 0]
+    agree = total = 0
+    diff = scale = 0.0
+    for x, y in progress(batches, len(batches), "validate in ORT"):
+        feed = {model.graph.input[0].name: x.numpy()}
+        a, o = full.run(None, feed)[0], off.run(None, feed)[0]
+        correct[0] += int((a.argmax(1) == y.numpy()).sum())
+        correct[1] += int((o.argmax(1) == y.numpy()).sum())
+        agree += int((a.argmax(1) == o.argmax(1)).sum())
+        diff = max(diff, float(np.abs(a - o).max()))
+        scale = max(scale, float(np.abs(o).max()))
+        total += len(y)
+    total = max(total, 1)
+    meta = read_metadata(model)
+    check = FileCheck(path, total, correct[0] / total, correct[1] / total, agree / total,
+                      diff / max(scale, 1e-30), meta.get("abs_deploy.decision"), None)
+    if check.top1_agreement < FULL_TOP1_AGREEMENT:
+        check.failure = (f"optimized and unoptimized ORT agree on top-1 for only "
+                         f"{100 * check.top1_agreement:.2f}% of the images "
+                         f"(needs {100 * FULL_TOP1_AGREEMENT:g}%)")
+    return check

@@ -1,0 +1,523 @@
+"""ABS search (DESIGN §4, §5): turn a trained FP model into its super-bit twin, train weights and
+gates against `CE + lam * log(BOPs)`, land on a BOP target, read the decision out.
+
+The steps, top-down:
+1. `to_superbit` swaps every Conv2d/Linear for its super-bit twin (first and last layer fixed at
+   `edge_bits`) and puts one filter gate on every prunable channel group of `graph.py`; the gate
+   masks each producer's channels after its BatchNorm, so a pruned channel is exactly zero.
+2. `SuperBitNet.bops` is the model's BOPs as a function of the gates (telescoping bit increments;
+   a pruned group lowers its producers' outputs and its consumers' inputs). Gates are hard in the
+   forward pass, so this is exactly the `bops.decision_bops` of the read-out decision.
+3. The search loop alternates weight-gate and activation-gate steps and, with a target, adapts
+   `lam` (a proportional-integral controller on log(BOPs / target)): up while above the target,
+   down while below -- through zero if need be, so a search that overshot reopens gates instead
+   of stalling (nothing else pulls a closed gate open once the training loss is near zero). The
+   integral restarts at every crossing of the target: the gates react with a lag, and a wound-up
+   integral would carry the search far past it.
+4. Gradient search oscillates around the target, so a last `project` step walks the hard decision
+   into the 5% band: greedy one-level/one-filter-step moves, each chosen as the least loss increase
+   per BOP saved (or the most loss decrease per BOP added when below), measured on held-out
+   training batches. A short re-train of the weights at the fixed decision follows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from abs_deploy import bops, graph
+from abs_deploy.checkpoint import make_checkpoint, save_checkpoint
+from abs_deploy.data import Dataset
+from abs_deploy.errors import UserError
+from abs_deploy.search.qmodel import calibrate, get_module, model_from_checkpoint, set_module
+from abs_deploy.search.superbit import (
+    SUPERBIT_TYPES,
+    TAU,
+    filter_gate,
+    filter_norms,
+    superbit_from_float,
+)
+from abs_deploy.search.uniform import searched_checkpoint
+from abs_deploy.train import EpochLog, Progress, TrainConfig, evaluate, no_progress, set_seed, train
+
+LAM_P = 0.5            # lam = LAM_P * err + integral; err = log(B/T)/tolerance clipped to +-1
+LAM_I = 0.01           # per-step growth of the integral at full error
+LAM_MAX = 5.0
+REACH = 2 * TAU        # how far past its largest residual a threshold may go (see clamp)
+GATE_LR = 0.1          # plain SGD on thresholds: a gate moves in proportion to its layer's
+                       # share of the BOPs, which is what ranks layers (Adam would equalise them)
+PROJECT_SAMPLES = 128  # training images the projection step measures the loss on
+
+
+@dataclass
+class GateGroup:
+    """A prunable channel group and its filter gate (threshold `f_thr` on its first producer)."""
+
+    id: int
+    channels: int
+    producers: list[str]
+    consumers: list[str]
+    depthwise: list[str]
+    spatial: dict[str, int]
+    masked: list[str]                 # modules whose output the mask multiplies (BN or layer)
+    forced: int | None = None         # kept count pinned by the projection step
+    mask: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def owner(self) -> str:
+        return self.producers[0]
+
+
+class SuperBitNet:
+    """The super-bit model plus the model-level view the gates need: layer costs, groups, the
+    differentiable BOPs and the decision read-out. `model` is an ordinary nn.Module."""
+
+    def __init__(self, model: nn.Module, order: list[str], bn_of: dict[str, str | None],
+                 costs: dict[str, bops.LayerCost], groups: list[GateGroup],
+                 max_prune: float) -> None:
+        self.model, self.order, self.bn_of, self.costs = model, order, bn_of, costs
+        self.groups, self.max_prune = groups, max_prune
+        self.group_of = {p: g for g in groups for p in g.producers}
+        self.feeds: dict[str, list[GateGroup]] = {n: [] for n in order}
+        for g in groups:
+            for c in g.consumers:
+                self.feeds[c].append(g)
+        self.layers = {n: get_module(model, n) for n in order}
+
+    # -- filter gates ------------------------------------------------------------------------
+
+    def norms(self, g: GateGroup) -> Tensor:
+        return filter_norms([self.layers[p].weight for p in g.producers])
+
+    def group_mask(self, g: GateGroup) -> Tensor:
+        if g.forced is not None:
+            keep = torch.argsort(self.norms(g), descending=True, stable=True)[:g.forced]
+            mask = torch.zeros(g.channels)
+            mask[keep] = 1.0
+            return mask
+        return filter_gate(self.norms(g), self.layers[g.owner].f_thr, self.max_prune)
+
+    def refresh_masks(self) -> None:
+        for g in self.groups:
+            g.mask = self.group_mask(g)
+
+    # -- BOPs and the decision ----------------------------------------------------------------
+
+    def bops(self) -> Tensor:
+        """BOPs of the current gates (float64, differentiable in every threshold)."""
+        kept = {g.id: self.group_mask(g).double().sum() for g in self.groups}
+        total = torch.zeros((), dtype=torch.float64)
+        for name in self.order:
+            c, layer = self.costs[name], self.layers[name]
+            g = self.group_of.get(name)
+            out = kept[g.id] if g is not None else float(c.c_out)
+            if c.groups > 1 and c.groups == c.c_in:     # depthwise: one MAC chain per channel
+                macs = out * c.kernel * c.out_pixels
+            else:
+                n_in = float(c.c_in)
+                for f in self.feeds[name]:
+                    n_in = n_in - (f.channels - kept[f.id]) * f.spatial.get(name, 1)
+                macs = out * (n_in / c.groups) * c.kernel * c.out_pixels
+            total = total + macs * layer.w_bits_t().double() * layer.a_bits_t().double()
+        return total
+
+    def kept(self) -> dict[str, list[int]]:
+        out = {}
+        for g in self.groups:
+            idx = torch.nonzero(self.group_mask(g).detach() > 0.5).flatten().tolist()
+            for p in g.producers:
+                out[p] = [int(i) for i in idx]
+        return out
+
+    def decision(self) -> dict[str, dict]:
+        kept = self.kept()
+        return {n: {"w_bits": int(m.w_bits), "a_bits": int(m.a_bits),
+                    "a_signed": bool(m.a_signed),
+                    "kept": kept.get(n, list(range(m.weight.shape[0]))),
+                    "bn": self.bn_of.get(n)}
+                for n, m in self.layers.items()}
+
+    def histogram(self) -> str:
+        """`w 2:3 4:5 8:2  a ...  pruned 12/96` for the progress display."""
+        w: dict[int, int] = {}
+        a: dict[int, int] = {}
+        for m in self.layers.values():
+            w[m.w_bits] = w.get(m.w_bits, 0) + 1
+            a[m.a_bits] = a.get(m.a_bits, 0) + 1
+        pruned = sum(g.channels - int(self.group_mask(g).sum()) for g in self.groups)
+        total = sum(g.channels for g in self.groups)
+        fmt = lambda h: " ".join(f"{b}:{h[b]}" for b in sorted(h))  # noqa: E731
+        return f"w {fmt(w)} | a {fmt(a)} | pruned {pruned}/{total}"
+
+    # -- parameters ------------------------------------------------------------------------------
+
+    def thresholds(self, kind: str) -> list[nn.Parameter]:
+        """`"w"` (weight and filter thresholds) or `"a"` (activation thresholds)."""
+        out = []
+        for m in self.layers.values():
+            if not m.searchable:
+                continue
+            out.append(m.w_thr if kind == "w" else m.a_thr)
+        if kind == "w":
+            out += [self.layers[g.owner].f_thr for g in self.groups]
+        return out
+
+    def weight_params(self) -> list[nn.Parameter]:
+        gate = {id(p) for p in self.thresholds("w") + self.thresholds("a")}
+        return [p for p in self.model.parameters() if id(p) not in gate]
+
+    @torch.no_grad()
+    def clamp_thresholds(self) -> None:
+        """Keep every threshold in [0, m_max + REACH]: past the largest residual (or norm) it
+        gates can close on, a threshold changes nothing but drifts out of the sigmoid's reach,
+        and the gate could never reopen when `lam` turns."""
+        for m in self.layers.values():
+            if not m.searchable:
+                continue
+            mw = m.w_residuals()
+            m.w_thr.copy_(torch.minimum(m.w_thr.clamp(min=0.0), mw + REACH))
+            m.a_thr.copy_(torch.minimum(m.a_thr.clamp(min=0.0), m.a_m + REACH))
+        for g in self.groups:
+            n = self.norms(g)
+            limit = min(int(self.max_prune * g.channels), g.channels - 1)
+            top = torch.sort(n).values[limit - 1] if limit > 0 else n.new_tensor(0.0)
+            r = self.layers[g.owner].f_thr
+            r.copy_(torch.minimum(r.clamp(min=0.0), top + REACH))
+
+    def freeze(self) -> None:
+        """Pin the current hard decision (bits and kept counts); gates stop moving."""
+        for m in self.layers.values():
+            m.forced = (m.w_bits, m.a_bits)
+        for g in self.groups:
+            g.forced = int(self.group_mask(g).sum())
+
+
+def to_superbit(model: nn.Module, example_input: Tensor,
+                candidates: Sequence[int] = (2, 4, 8), max_prune: float = 0.5,
+                edge_bits: int | None = 8, allow_shared: bool = False) -> SuperBitNet:
+    """Swap every Conv2d/Linear the forward pass calls for its super-bit twin (in place).
+    `edge_bits` fixes the first and last layer (None: search them too)."""
+    order = graph.layer_order(model, example_input)
+    bn_of = graph.following_norm(model, example_input)
+    raw = graph.channel_groups(model, example_input, allow_shared=allow_shared)
+    costs = {c.name: c for c in bops.layer_costs(model, tuple(example_input.shape))}
+    for i, name in enumerate(order):
+        edge = edge_bits is not None and i in (0, len(order) - 1)
+        set_module(model, name, superbit_from_float(get_module(model, name),
+                                                    (edge_bits,) if edge else candidates))
+    groups = []
+    for g in raw:
+        if not g.prunable or not g.producers or max_prune <= 0:
+            continue
+        masked = [bn_of.get(p) or p for p in g.producers]
+        groups.append(GateGroup(g.id, g.channels, list(g.producers), list(g.consumers),
+                                list(g.depthwise), dict(g.spatial), masked))
+    net = SuperBitNet(model, order, bn_of, costs, groups, max_prune)
+    for g in groups:
+        get_module(model, g.owner).register_parameter("f_thr", nn.Parameter(torch.zeros(())))
+        for target in g.masked:
+            get_module(model, target).register_forward_hook(_mask_hook(g))
+    model.register_forward_pre_hook(lambda module, args: net.refresh_masks())
+    return net
+
+
+def _mask_hook(g: GateGroup) -> Callable:
+    def hook(module, inputs, output):
+        return output * g.mask.view((1, -1) + (1,) * (output.dim() - 2)).to(output.dtype)
+    return hook
+
+
+# --- the search ------------------------------------------------------------------------------
+
+
+def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: TrainConfig,
+               lam: float | None = None, candidates: Sequence[int] = (2, 4, 8),
+               max_prune: float = 0.5, edge_bits: int | None = 8,
+               progress: Progress = no_progress,
+               on_epoch_end: Callable[[EpochLog], None] | None = None,
+               resume_path: str | None = None, tolerance: float = 0.05,
+               refine_epochs: int = 1, gate_lr: float = GATE_LR) -> dict:
+    """ABS search from an `fp` checkpoint; returns a `searched` checkpoint (method "abs").
+
+    `target_bops` (absolute, see `bops.parse_bops`) makes `lam` adapt and the final decision land
+    within `tolerance` of it; without a target, `lam` stays fixed (the paper's mode). With
+    `resume_path`, the search state is written there after every epoch, and a search started with
+    an existing file continues from it."""
+    cands = tuple(int(b) for b in candidates)
+    if list(cands) != sorted(set(cands)) or cands[0] < 1 or cands[-1] > 8:
+        raise UserError(f"candidates must be distinct ascending bitwidths in 1..8, got {cands}")
+    if target_bops is None and lam is None:
+        raise UserError("give a BOP target or a fixed lam")
+    if not 0 <= max_prune < 1:
+        raise UserError(f"max_prune must be in [0, 1), got {max_prune}")
+    model = model_from_checkpoint(fp_ckpt)
+    example = torch.zeros(data.input_shape)
+    fp_top1 = evaluate(model, data)
+    costs = bops.layer_costs(model, data.input_shape)
+    fp_bops = float(bops.totals(bops.bops_table(costs))["bops"])
+    net = to_superbit(model, example, cands, max_prune, edge_bits)
+    _check_target(net, target_bops)
+    calibrate(model, (x for x, _ in islice(data.batches("train", 128, shuffle=True), 4)))
+
+    adapt = target_bops is not None
+    state = _State(lam=0.0 if lam is None else float(lam))
+    state.lam_i = state.lam
+    opt_w = torch.optim.SGD([{"params": [p for p in net.weight_params() if p.dim() >= 2],
+                              "weight_decay": cfg.weight_decay},
+                             {"params": [p for p in net.weight_params() if p.dim() < 2],
+                              "weight_decay": 0.0}],
+                            lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    opt_g = torch.optim.SGD(net.thresholds("w") + net.thresholds("a"), lr=gate_lr)
+    fingerprint = {"arch": fp_ckpt["arch"], "target_bops": target_bops, "candidates": list(cands),
+                   "max_prune": max_prune, "edge_bits": edge_bits, "epochs": cfg.epochs,
+                   "seed": cfg.seed}
+    if resume_path and Path(resume_path).is_file():
+        _load_state(resume_path, net, opt_w, opt_g, state, fingerprint)
+
+    set_seed(cfg.seed)
+    steps_per_epoch = data.num_batches("train", cfg.batch_size)
+    total_steps = cfg.epochs * steps_per_epoch
+    for epoch in range(state.epoch, cfg.epochs):
+        t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
+        model.train()
+        batches = data.batches("train", cfg.batch_size, shuffle=True, seed=cfg.seed + epoch)
+        bar = progress(batches, steps_per_epoch, f"abs search {epoch + 1}/{cfg.epochs}")
+        for i, (x, y) in enumerate(bar):
+            step = epoch * steps_per_epoch + i
+            w_phase = step % 2 == 0      # weight (and filter) gates and activation gates alternate
+            for p in net.thresholds("w"):
+                p.requires_grad_(w_phase)
+            for p in net.thresholds("a"):
+                p.requires_grad_(not w_phase)
+            decay = 0.5 * (1 + math.cos(math.pi * step / total_steps))
+            for group in opt_w.param_groups:
+                group["lr"] = cfg.lr * decay
+            for group in opt_g.param_groups:
+                group["lr"] = gate_lr * decay
+            logits = model(x)
+            ce = F.cross_entropy(logits, y)
+            b = net.bops()
+            loss = ce + state.lam * torch.log(b / fp_bops)
+            opt_w.zero_grad(set_to_none=True)
+            opt_g.zero_grad(set_to_none=True)
+            loss.backward()
+            opt_w.step()
+            opt_g.step()
+            net.clamp_thresholds()
+            if adapt:
+                err = max(-1.0, min(1.0, math.log(b.item() / target_bops) / tolerance))
+                if err * state.lam_i < 0:
+                    state.lam_i = 0.0
+                state.lam_i += LAM_I * err
+                state.lam = min(max(state.lam_i + LAM_P * err, -LAM_MAX), LAM_MAX)
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            if hasattr(bar, "set_postfix_str") and i % 5 == 0:
+                tgt = f"/{target_bops / 1e6:.2f}M" if adapt else ""
+                bar.set_postfix_str(f"loss {loss.item():.3f} acc {correct / seen:.1%} "
+                                    f"BOPs {b.item() / 1e6:.2f}M{tgt} lam {state.lam:.3g} "
+                                    f"{net.histogram()}", refresh=False)
+        for p in net.thresholds("w") + net.thresholds("a"):
+            p.requires_grad_(True)
+        with torch.no_grad():
+            cur = net.bops().item()
+        extra = {"bops": cur, "fp_ratio": fp_bops / cur, "lam": state.lam,
+                 "bits": net.histogram()}
+        if adapt:
+            extra["target_ratio"] = cur / target_bops
+        log = EpochLog(epoch + 1, loss_sum / seen, correct / seen, evaluate(model, data),
+                       time.perf_counter() - t0, extra)
+        state.logs.append(log.as_dict())
+        state.epoch = epoch + 1
+        if resume_path:
+            _save_state(resume_path, fp_ckpt, net, opt_w, opt_g, state, fingerprint)
+        if on_epoch_end is not None:
+            on_epoch_end(log)
+
+    searched_bops = net.bops().item()
+    moves = project(net, data, target_bops, tolerance) if adapt else 0
+    net.freeze()
+    logs = [_log_from_dict(d) for d in state.logs]
+    if refine_epochs > 0:
+        refine_cfg = TrainConfig(epochs=refine_epochs, lr=cfg.lr * 0.1,
+                                 batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
+                                 momentum=cfg.momentum, seed=cfg.seed)
+        for log in train(model, data, refine_cfg, progress, params=net.weight_params(),
+                         keep_best=False):
+            log.extra["phase"] = "refine"
+            logs.append(log)
+    decision = net.decision()
+    return searched_checkpoint(fp_ckpt, model, decision, data, list(costs), fp_top1, logs,
+                               method="abs", target_bops=target_bops, lam=state.lam,
+                               candidates=list(cands), max_prune=max_prune,
+                               search_bops=searched_bops, projection_moves=moves)
+
+
+def _check_target(net: SuperBitNet, target: float | None) -> None:
+    """A target outside what the search space can reach is a user error, said up front."""
+    if target is None:
+        return
+    hi = net.bops().item()
+    saved = {n: m.forced for n, m in net.layers.items()}
+    for m in net.layers.values():
+        m.forced = (m.candidates[0], m.candidates[0])
+    for g in net.groups:
+        g.forced = g.channels - min(int(net.max_prune * g.channels), g.channels - 1)
+    lo = net.bops().item()
+    for n, m in net.layers.items():
+        m.forced = saved[n]
+    for g in net.groups:
+        g.forced = None
+    if not lo <= target <= hi:
+        raise UserError(f"BOP target {target / 1e6:,.2f} M is outside what this search space "
+                        f"reaches ({lo / 1e6:,.2f} M .. {hi / 1e6:,.2f} M)")
+
+
+# --- projection onto the target ----------------------------------------------------------------
+
+
+def project(net: SuperBitNet, data: Dataset, target: float, tolerance: float = 0.05,
+            max_rounds: int = 50) -> int:
+    """Move the hard decision into `[1 - tol, 1 + tol] * target` (tol: 80% of `tolerance`, a
+    margin that costs nothing since the count is exact). Returns the number of moves made.
+
+    Each round measures every single move (one bit level of one layer's weights or inputs, or one
+    step of a group's filters) on held-out training batches, ranks them by loss change per BOP,
+    and applies them best-first, at most one per layer and kind, until the band is reached; the
+    next round re-measures. Rounds rather than one move per measurement keep it to a few seconds
+    when the search ended far from the target."""
+    net.freeze()
+    tol = 0.8 * tolerance
+    hi, lo = target * (1 + tol), target * (1 - tol)
+    batches = list(islice(data.batches("train", 128, shuffle=True, seed=12345),
+                          max(1, PROJECT_SAMPLES // 128)))
+    loss = _loss_fn(net.model, batches)
+    cur_loss, cur = loss(), net.bops().item()
+    moves = 0
+    for _ in range(max_rounds):
+        if lo <= cur <= hi:
+            break
+        down = cur > target
+        scored = []
+        for key, apply, undo in _moves(net, down):
+            apply()
+            nb = net.bops().item()
+            if (nb < cur) if down else (nb > cur):
+                scored.append(((loss() - cur_loss) / abs(cur - nb), key, apply, undo))
+            undo()
+        scored.sort(key=lambda t: t[0])
+        touched: set = set()
+        for _, key, apply, undo in scored:
+            if key in touched:
+                continue
+            apply()
+            nb = net.bops().item()
+            if not down and nb > hi:          # overshooting upward: try a smaller move
+                undo()
+                continue
+            touched.add(key)
+            cur, moves = nb, moves + 1
+            if (cur <= hi) if down else (cur >= lo):
+                break
+        if not touched:
+            break
+        cur_loss = loss()
+    return moves
+
+
+def _moves(net: SuperBitNet, down: bool):
+    """(key, apply, undo) for one level of weight or input bits of one layer, or one step of
+    filters of a group."""
+    sign = -1 if down else 1
+    for name, m in net.layers.items():
+        if not m.searchable:
+            continue
+        for which in (0, 1):
+            idx = m.candidates.index(m.forced[which]) + sign
+            if 0 <= idx < len(m.candidates):
+                old = m.forced
+                new = (m.candidates[idx], old[1]) if which == 0 else (old[0], m.candidates[idx])
+                yield (name, which), _setter(m, "forced", new), _setter(m, "forced", old)
+    for g in net.groups:
+        step = max(1, g.channels // 16)
+        lo = g.channels - min(int(net.max_prune * g.channels), g.channels - 1)
+        new = min(max(g.forced + sign * step, lo), g.channels)
+        if new != g.forced:
+            yield ("group", g.id), _setter(g, "forced", new), _setter(g, "forced", g.forced)
+
+
+def _setter(obj: object, attr: str, value: object) -> Callable[[], None]:
+    return lambda: setattr(obj, attr, value)
+
+
+def _loss_fn(model: nn.Module, batches: list) -> Callable[[], float]:
+    @torch.no_grad()
+    def loss() -> float:
+        was = model.training
+        model.eval()
+        total = sum(F.cross_entropy(model(x), y, reduction="sum").item() for x, y in batches)
+        model.train(was)
+        return total / sum(len(y) for _, y in batches)
+    return loss
+
+
+# --- resume ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    lam: float
+    lam_i: float = 0.0
+    epoch: int = 0
+    logs: list[dict] = field(default_factory=list)
+
+
+def _save_state(path: str, fp_ckpt: dict, net: SuperBitNet, opt_w, opt_g, state: _State,
+                fingerprint: dict) -> None:
+    """The search after an epoch, as a `searched` checkpoint (so `abs bops` and export can read
+    it) plus a `resume` record; written atomically, so a kill mid-write keeps the last one."""
+    resume = {"epoch": state.epoch, "lam": state.lam, "lam_i": state.lam_i, "logs": state.logs,
+              "opt_w": opt_w.state_dict(), "opt_g": opt_g.state_dict(),
+              "a_signed": {n: bool(m.a_signed) for n, m in net.layers.items()},
+              "fingerprint": fingerprint}
+    ckpt = make_checkpoint("searched", fp_ckpt["arch"], fp_ckpt["input"], fp_ckpt["num_classes"],
+                           net.model.state_dict(), net.decision(), {}, [], method="abs",
+                           bn_folded=False, resume=resume)
+    save_checkpoint(ckpt, path)
+
+
+def _load_state(path: str, net: SuperBitNet, opt_w, opt_g, state: _State,
+                fingerprint: dict) -> None:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        resume = ckpt["resume"]
+    except Exception as e:  # any unreadable file: say which and why, do not guess
+        raise UserError(f"cannot resume from {path}: {type(e).__name__}: {e}") from None
+    if resume.get("fingerprint") != fingerprint:
+        raise UserError(f"{path} is the state of a different search (model, target or "
+                        "settings differ); delete it or change the output name")
+    net.model.load_state_dict(ckpt["state_dict"])
+    opt_w.load_state_dict(resume["opt_w"])
+    opt_g.load_state_dict(resume["opt_g"])
+    for n, signed in resume["a_signed"].items():
+        net.layers[n].a_signed = signed
+    state.lam, state.lam_i = resume["lam"], resume["lam_i"]
+    state.epoch, state.logs = resume["epoch"], list(resume["logs"])
+
+
+def _log_from_dict(d: dict) -> EpochLog:
+    base = ("epoch", "loss", "train_acc", "val_acc", "seconds")
+    return EpochLog(*(d[k] for k in base), {k: v for k, v in d.items() if k not in base})
+
+
+def superbit_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, SUPERBIT_TYPES)}

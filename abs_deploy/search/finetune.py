@@ -1,0 +1,47 @@
+"""Fine-tune a searched decision in its deployable form (DESIGN §1, §9): BatchNorm folded into
+the conv/linear weights before quantization, the fixed bits of the decision, pruned channels
+masked to exactly zero. What this trains is what export collapses, with no BN left to move the
+quantization grid after training."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from abs_deploy import bops
+from abs_deploy.checkpoint import make_checkpoint
+from abs_deploy.data import Dataset
+from abs_deploy.errors import UserError
+from abs_deploy.models.registry import build_model
+from abs_deploy.search.qmodel import fold_batchnorm, model_from_checkpoint
+from abs_deploy.train import EpochLog, Progress, TrainConfig, evaluate, no_progress, train
+
+
+def finetune(ckpt: dict, data: Dataset, cfg: TrainConfig, progress: Progress = no_progress,
+             on_epoch_end: Callable[[EpochLog], None] | None = None) -> dict:
+    """Train a `searched` checkpoint's decision (any method: uniform, abs, bsq) with BN folded;
+    returns a `finetuned` checkpoint (`bn_folded=True`) with the best-validation weights."""
+    if ckpt.get("stage") != "searched" or not ckpt.get("decision"):
+        raise UserError(f"fine-tune needs a searched checkpoint with a decision record, got "
+                        f"stage '{ckpt.get('stage')}'")
+    model = model_from_checkpoint(ckpt)
+    if not ckpt.get("bn_folded"):
+        fold_batchnorm(model, ckpt["decision"])
+    start_top1 = evaluate(model, data)
+    logs = train(model, data, cfg, progress, on_epoch_end=on_epoch_end)
+    rows = bops.decision_bops(ckpt["decision"], ckpt["arch"], data.input_shape)
+    fp = bops.totals(bops.bops_table(bops.layer_costs(build_model(ckpt["arch"]),
+                                                      data.input_shape)))
+    metrics = {**ckpt.get("metrics", {}), "top1": evaluate(model, data),
+               "searched_top1": ckpt.get("metrics", {}).get("top1"),
+               "start_top1": start_top1, "bops": bops.totals(rows)["bops"],
+               "macs": bops.totals(rows)["macs"], "fp_bops": fp["bops"], "fp_macs": fp["macs"]}
+    method = ckpt.get("method", "unknown")
+    history = list(ckpt.get("history", [])) + [{"stage": "finetune", **log.as_dict()}
+                                               for log in logs]
+    extra = {k: v for k, v in ckpt.items()
+             if k not in ("format", "stage", "arch", "input", "num_classes", "state_dict",
+                          "decision", "metrics", "history", "method", "bn_folded", "resume")}
+    return make_checkpoint("finetuned", ckpt["arch"], ckpt["input"], ckpt["num_classes"],
+                           model.state_dict(), ckpt["decision"], metrics, history,
+                           method=method, bn_folded=True, **extra)
+

@@ -1,0 +1,143 @@
+"""The export's files, their ONNX structure and the report, on one small digits model exported
+once with latency on (the one latency measurement of the suite)."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from rt_checkpoints import random_checkpoint
+
+from abs_deploy.checkpoint import save_checkpoint
+from abs_deploy.export import ExportOptions, export_model, validate_file
+from abs_deploy.export.simplify import quantizer_nodes
+from abs_deploy.export.validate import session
+from abs_deploy.quant import int_range
+
+
+@pytest.fixture(scope="module")
+def exported(datasets, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export")
+    ckpt = random_checkpoint("digits_cnn", datasets("digits"), seed=5)
+    path = save_checkpoint(ckpt, folder / "model.pt")
+    result = export_model(path, ExportOptions(max_images=128, latency_batches=(1, 8)))
+    return ckpt, result, folder
+
+
+def test_export_writes_every_file_and_nothing_else(exported):
+    _, result, folder = exported
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == ["model.fp32.onnx", "model.onnx", "model.pt", "report.json", "report.md",
+                     "report.png"]
+    assert set(result.files) == {"onnx", "fp32", "json", "md", "png"}
+
+
+@pytest.mark.parametrize("key", ["onnx", "fp32"])
+def test_files_pass_the_full_checker_with_a_dynamic_batch(exported, key):
+    _, result, _ = exported
+    model = onnx.load(result.files[key])
+    onnx.checker.check_model(model, full_check=True)
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim.dim_param == "N"
+    x = np.zeros((3, 1, 8, 8), np.float32)
+    assert session(model).run(None, {"input": x})[0].shape == (3, 10)
+
+
+@pytest.mark.parametrize("key", ["onnx", "fp32"])
+def test_conv_weight_shapes_equal_the_kept_counts(exported, key):
+    ckpt, result, _ = exported
+    model = onnx.load(result.files[key])
+    shapes = {i.name: list(i.dims) for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm"):
+            continue
+        layer = node.name.rsplit(".w", 1)[0] if ".w" in node.name else node.name
+        weight = node.input[1]
+        if weight in producer:  # DequantizeLinear of the integer initializer
+            weight = producer[weight].input[0]
+        assert shapes[weight][0] == len(ckpt["decision"][layer]["kept"])
+
+
+def test_every_quantized_layer_has_its_bits_in_names_and_clip_bounds(exported):
+    ckpt, result, _ = exported
+    model = onnx.load(result.files["onnx"])
+    nodes = {n.name: n for n in model.graph.node}
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    for layer, d in ckpt["decision"].items():
+        tag = f"{layer}.w{d['w_bits']}a{d['a_bits']}"
+        assert tag in nodes
+        clip = nodes.get(f"{tag}.act_clip")
+        lo, hi = int_range(d["a_bits"], d["a_signed"])
+        if d["a_bits"] == 8:
+            assert clip is None
+        else:
+            assert (int(inits[clip.input[1]]), int(inits[clip.input[2]])) == (lo, hi)
+        q = nodes[f"{tag}.act_q"]
+        zero = inits[q.input[2]]
+        assert zero.dtype == (np.int8 if d["a_signed"] else np.uint8) and zero == 0
+
+
+def test_no_float_clip_sits_between_a_layer_and_its_quantizer(exported):
+    _, result, _ = exported
+    model = onnx.load(result.files["onnx"])
+    producer = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear":
+            src = producer.get(node.input[0])
+            assert src is None or src.op_type not in ("Clip", "Relu")
+
+
+def test_weights_are_integers_inside_their_range(exported):
+    ckpt, result, _ = exported
+    model = onnx.load(result.files["onnx"])
+    for init in model.graph.initializer:
+        if init.name.endswith(".weight_q"):
+            w = onnx.numpy_helper.to_array(init)
+            d = ckpt["decision"][init.name[:-len(".weight_q")]]
+            bits = 7 if d["w_bits"] == 8 and (d["a_bits"] == 8 or d["a_signed"]) else d["w_bits"]
+            lo, hi = int_range(bits, True)
+            assert w.dtype == np.int8 and w.min() >= lo and w.max() <= hi
+
+
+def test_metadata_holds_the_decision(exported):
+    ckpt, result, _ = exported
+    meta = {p.key: p.value for p in onnx.load(result.files["onnx"]).metadata_props}
+    decision = json.loads(meta["abs_deploy.decision"])
+    for layer, d in ckpt["decision"].items():
+        assert decision[layer]["w_bits"] == d["w_bits"]
+        assert decision[layer]["a_bits"] == d["a_bits"]
+        assert decision[layer]["kept"] == d["kept"]
+
+
+def test_report_has_totals_parity_accuracy_and_latency(exported):
+    _, result, _ = exported
+    report = json.loads(result.files["json"].read_text())
+    assert report["totals"]["ratios"]["bops"] > 1
+    assert {"fp_original", "reference", "ort", "ort_unoptimized"} <= set(report["accuracy"])
+    assert all(p["passed"] for p in report["parity"].values())
+    lat = report["latency"]
+    assert lat["cpu"]
+    models = {(r["model"], r["batch"], r["threads"]) for r in lat["rows"]}
+    assert {m for m, _, _ in models} == {"fp_original", "fp_pruned", "qcdq"}
+    assert {b for _, b, _ in models} == {1, 8}
+    assert 1 in {t for _, _, t in models}
+    assert all(r["runs"] >= 50 and r["p90_ms"] >= r["median_ms"] > 0 for r in lat["rows"])
+    md = result.files["md"].read_text()
+    assert "BOPs" in md and "Latency" in md and "Parity" in md
+
+
+def test_unsimplified_export_keeps_every_quantizer(exported, tmp_path):
+    ckpt, result, folder = exported
+    out = tmp_path / "raw.onnx"
+    raw = export_model(folder / "model.pt", ExportOptions(output=out, simplify=False,
+                                                          latency=False, max_images=32))
+    assert quantizer_nodes(onnx.load(raw.files["onnx"])) == \
+        quantizer_nodes(onnx.load(result.files["onnx"]))
+
+
+def test_validate_file_reads_normalisation_and_dataset_from_metadata(exported):
+    _, result, _ = exported
+    check = validate_file(result.files["onnx"], max_images=64)
+    assert check.passed and check.images == 64
+    assert check.accuracy_all == pytest.approx(check.accuracy_off, abs=0.02)

@@ -1,0 +1,162 @@
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from abs_deploy import bops
+from abs_deploy.checkpoint import make_checkpoint
+from abs_deploy.errors import UserError
+from abs_deploy.models import create_model
+from abs_deploy.models.registry import arch_record, build_model
+from abs_deploy.search.abs_search import abs_search, project, to_superbit
+from abs_deploy.search.qmodel import model_from_checkpoint
+from abs_deploy.search.superbit import SUPERBIT_TYPES
+from abs_deploy.train import TrainConfig
+
+ZOO = [("digits_cnn", {}, (1, 1, 8, 8)), ("resnet20", {}, (1, 3, 32, 32)),
+       ("mobilenetv2_cifar", {"width_mult": 0.25}, (1, 3, 32, 32))]
+
+
+@pytest.fixture(scope="module")
+def small_digits(digits):
+    """256 training images: enough to exercise the search loop in seconds."""
+    return dataclasses.replace(digits, train_x=digits.train_x[:256],
+                               train_y=digits.train_y[:256])
+
+
+def _scramble(net, seed: int) -> None:
+    """Random hard gate states: thresholds across the residuals, filter thresholds mid-range."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.layers.values():
+            if m.searchable:
+                m.w_thr.copy_(torch.rand(m.w_thr.shape, generator=gen) * 0.4)
+                m.a_thr.copy_(torch.rand(m.a_thr.shape, generator=gen) * 0.4)
+        for g in net.groups:
+            # Untrained filters have similar norms (n_c near 1): thresholds high enough to bite.
+            net.layers[g.owner].f_thr.fill_(0.6 + 0.4 * float(torch.rand((), generator=gen)))
+
+
+@pytest.fixture(scope="module", params=ZOO, ids=[z[0] for z in ZOO])
+def zoo_net(request):
+    """(arch, input shape, float layer count, transformed net): one capture per model."""
+    name, kwargs, shape = request.param
+    arch = arch_record(name, num_classes=10, in_chans=shape[1], **kwargs)
+    model = build_model(arch)
+    n_float = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+    return arch, shape, n_float, to_superbit(model, torch.zeros(shape))
+
+
+def test_transform_swaps_every_conv_and_linear_and_fixes_edges_at_8(zoo_net):
+    _, shape, n_float, net = zoo_net
+    model = net.model
+    assert sum(isinstance(m, SUPERBIT_TYPES) for m in model.modules()) == n_float
+    first, last = net.layers[net.order[0]], net.layers[net.order[-1]]
+    assert first.candidates == (8,) and last.candidates == (8,)
+    assert all(m.candidates == (2, 4, 8) for n, m in net.layers.items()
+               if n not in (net.order[0], net.order[-1]))
+    model.eval()
+    assert model(torch.randn(2, *shape[1:])).shape == (2, 10)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_differentiable_bops_equal_decision_bops_at_hard_gates(zoo_net, seed):
+    arch, shape, _, net = zoo_net
+    _scramble(net, seed)
+    decision = net.decision()
+    assert any(len(d["kept"]) < net.layers[n].weight.shape[0] for n, d in decision.items())
+    expected = bops.totals(bops.decision_bops(decision, arch, list(shape)))["bops"]
+    assert net.bops().item() == expected
+
+
+def test_bops_gradient_reaches_every_threshold():
+    net = to_superbit(create_model("digits_cnn"), torch.zeros(1, 1, 8, 8))
+    torch.log(net.bops()).backward()
+    for p in net.thresholds("w") + net.thresholds("a"):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_pruned_groups_have_identical_kept_across_producers():
+    model = create_model("digits_cnn")
+    net = to_superbit(model, torch.zeros(1, 1, 8, 8))
+    _scramble(net, 3)
+    d = net.decision()
+    assert d["block2.expand"]["kept"] == d["block2.dw"]["kept"]
+    assert len(d["block2.expand"]["kept"]) < 32
+
+
+def test_read_out_decision_reproduces_the_superbit_forward_exactly(digits):
+    arch = arch_record("digits_cnn", num_classes=10, in_chans=1)
+    model = build_model(arch)
+    net = to_superbit(model, torch.zeros(1, 1, 8, 8))
+    x = next(digits.batches("train", 64))[0]
+    model.train()
+    model(x)                    # activation running averages and BN statistics move
+    _scramble(net, 5)
+    with torch.no_grad():
+        for m in net.layers.values():
+            m.a_signed = bool(torch.rand(()) < 0.5)
+    model.eval()
+    decision = net.decision()
+    ckpt = make_checkpoint("searched", arch, digits.input_spec(), 10, model.state_dict(),
+                           decision, method="abs")
+    twin = model_from_checkpoint(ckpt).eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), twin(x))
+
+
+def test_search_lands_within_tolerance_of_a_64x_target(fp_digits, small_digits):
+    target = fp_digits["metrics"]["fp_bops"] / 64
+    ckpt = abs_search(fp_digits, small_digits, target, TrainConfig(epochs=3, lr=0.01),
+                      refine_epochs=0)
+    assert ckpt["stage"] == "searched" and ckpt["method"] == "abs"
+    assert abs(ckpt["metrics"]["bops"] / target - 1) <= 0.05
+    state = ckpt["state_dict"]
+    for name, d in ckpt["decision"].items():
+        assert {"w_bits", "a_bits", "a_signed", "kept", "bn"} <= set(d)
+        assert state[f"{name}.w_clip"].shape == (len(state[f"{name}.weight"]),)
+        assert state[f"{name}.a_clip"].dim() == 0
+
+
+def test_projection_reaches_a_far_target_from_any_state(fp_digits, small_digits):
+    model = model_from_checkpoint(fp_digits)
+    net = to_superbit(model, torch.zeros(1, 1, 8, 8))
+    target = fp_digits["metrics"]["fp_bops"] / 100
+    project(net, small_digits, target)
+    assert abs(net.bops().item() / target - 1) <= 0.05
+
+
+def test_fixed_lam_mode_runs_without_a_target(fp_digits, small_digits):
+    ckpt = abs_search(fp_digits, small_digits, None, TrainConfig(epochs=1, lr=0.01), lam=0.5,
+                      refine_epochs=0)
+    assert ckpt["metrics"]["bops"] <= ckpt["metrics"]["fp_bops"]
+    assert ckpt["target_bops"] is None
+
+
+def test_unreachable_target_is_a_user_error(fp_digits, small_digits):
+    with pytest.raises(UserError, match="outside"):
+        abs_search(fp_digits, small_digits, 1.0, TrainConfig(epochs=1))
+
+
+def test_interrupted_search_resumes_from_its_last_epoch(fp_digits, small_digits, tmp_path):
+    cfg = TrainConfig(epochs=2, lr=0.01)
+    target = fp_digits["metrics"]["fp_bops"] / 64
+    full = abs_search(fp_digits, small_digits, target, cfg, refine_epochs=0)
+
+    def stop_after_first(log):
+        if log.epoch == 1:
+            raise KeyboardInterrupt
+
+    path = str(tmp_path / "search.state")
+    with pytest.raises(KeyboardInterrupt):
+        abs_search(fp_digits, small_digits, target, cfg, refine_epochs=0,
+                   on_epoch_end=stop_after_first, resume_path=path)
+    epochs = []
+    resumed = abs_search(fp_digits, small_digits, target, cfg, refine_epochs=0,
+                         on_epoch_end=lambda log: epochs.append(log.epoch), resume_path=path)
+    assert epochs == [2]
+    assert [h["epoch"] for h in resumed["history"] if h.get("stage") == "abs"] == [1, 2]
+    assert resumed["decision"] == full["decision"]
+    for k, v in full["state_dict"].items():
+        assert torch.allclose(v.float(), resumed["state_dict"][k].float(), atol=1e-6), k

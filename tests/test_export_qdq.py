@@ -1,0 +1,62 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from abs_deploy.export import qdq
+from abs_deploy.export.collapse import LayerQuant
+from abs_deploy.export.onnx_graph import GraphBuilder
+from abs_deploy.quant import int_range, quantize_int
+
+
+def _layer(w_bits=4, a_bits=4, a_signed=False) -> LayerQuant:
+    return LayerQuant("block.conv", "conv", w_bits, a_bits, a_signed, (0, 1), 2, None, w_bits)
+
+
+@pytest.mark.parametrize("bits,signed", [(2, False), (4, False), (8, False), (4, True)])
+@pytest.mark.parametrize("clamp", [(0.0, 6.0), (0.0, None), (-1.0, 1.0), (0.5, 0.7)])
+def test_folded_clamp_gives_the_codes_of_clamp_then_quantize(bits, signed, clamp):
+    """round(clamp(x)/s) == clamp(round(x/s), folded bounds): ReLU6 can leave the float graph."""
+    x = torch.randn(100_000) * 4
+    s = torch.tensor(0.37 / 2 ** bits)
+    lo, hi = qdq.fold_clamp(*int_range(bits, signed), s, *clamp)
+    expected = quantize_int(x.clamp(clamp[0], clamp[1]), s, bits, signed)
+    got = torch.clamp(torch.round(x / s), lo, hi)
+    assert torch.equal(expected, got)
+
+
+def test_activation_quantizer_is_q_clip_dq_named_after_layer_and_bits():
+    b = GraphBuilder()
+    aq = qdq.activation(b, "x", _layer(4, 4), torch.tensor(0.1))
+    assert [n.op_type for n in b.nodes] == ["QuantizeLinear", "Clip", "DequantizeLinear"]
+    assert [n.name for n in b.nodes] == ["block.conv.w4a4.act_q", "block.conv.w4a4.act_clip",
+                                         "block.conv.w4a4.act_dq"]
+    assert aq.bounds == (0, 15) and aq.codes == "block.conv.w4a4.act_clip"
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in b.initializers}
+    assert inits["block.conv.act_zero"].dtype == np.uint8
+    assert (inits["block.conv.act_min"], inits["block.conv.act_max"]) == (0, 15)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_clip_is_left_out_at_eight_bits(signed):
+    b = GraphBuilder()
+    qdq.activation(b, "x", _layer(8, 8, signed), torch.tensor(0.1))
+    assert [n.op_type for n in b.nodes] == ["QuantizeLinear", "DequantizeLinear"]
+
+
+def test_int4_packing_stores_weights_of_four_bits_or_fewer():
+    codes = torch.tensor([[-8.0, 7.0, 0.0], [1.0, -1.0, 3.0]])
+    b = GraphBuilder()
+    qdq.weight(b, _layer(4, 4), codes, torch.tensor([0.1, 0.2]), packing="int4")
+    w = next(i for i in b.initializers if i.name == "block.conv.weight_q")
+    assert w.data_type == onnx.TensorProto.INT4
+    assert onnx.numpy_helper.to_array(w).astype(int).tolist() == codes.int().tolist()
+    b8 = GraphBuilder()
+    qdq.weight(b8, _layer(8, 4), codes * 10, torch.tensor([0.1, 0.2]), packing="int4")
+    assert next(i for i in b8.initializers if i.name == "block.conv.weight_q").data_type == \
+        onnx.TensorProto.INT8
+
+
+def test_weight_codes_outside_the_range_are_refused():
+    with pytest.raises(ValueError, match="outside"):
+        qdq.weight(GraphBuilder(), _layer(2, 4), torch.tensor([[2.0]]), torch.tensor([0.1]))
