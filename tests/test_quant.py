@@ -46,13 +46,16 @@ def test_gradients_reach_the_clip_and_pass_straight_through_inside_the_range():
     assert torch.equal(x.grad[outside], torch.zeros(int(outside.sum())))
 
 
-def test_qconv_computes_conv_of_quantized_input_and_weight():
+def test_qconv_computes_conv_of_quantized_input_weight_and_accumulator_bias():
     conv = nn.Conv2d(3, 4, 3, padding=1)
     q = QConv2d.from_float(conv, 4, 4, False)
     x = torch.rand(2, 3, 5, 5)
     xq = fake_quant(x, q.a_clip, 4, False)
     wq = fake_quant(conv.weight, q.w_clip.view(-1, 1, 1, 1), 4, True)
-    assert torch.allclose(q(x), nn.functional.conv2d(xq, wq, conv.bias, padding=1))
+    s_acc = scale(q.a_clip, 4, False) * scale(q.w_clip, 4, True)   # the int32 bias grid
+    bq = torch.round(conv.bias / s_acc) * s_acc
+    assert not torch.equal(bq, conv.bias)
+    assert torch.allclose(q(x), nn.functional.conv2d(xq, wq, bq, padding=1))
 
 
 def test_mse_clip_beats_max_clip_at_two_bits():

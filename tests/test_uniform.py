@@ -43,3 +43,20 @@ def test_two_bit_weights_land_on_four_levels(fp_digits, digits):
     w = layer.quant_weight().detach()
     per_channel = [torch.unique(w[c]).numel() for c in range(w.shape[0])]
     assert max(per_channel) <= 4
+
+
+def test_finetuned_model_computes_what_export_stores(fp_digits, digits):
+    """Fine-tune trains the deployable form, so export's integer reference is the same function:
+    the 7-bit rule and the int32 bias rounding are shared by both sides."""
+    from abs_deploy.export.collapse import collapse
+    from abs_deploy.search.finetune import finetune
+
+    searched = uniform_qat(fp_digits, digits, 4, 2, TrainConfig(epochs=1, lr=0.01))
+    tuned = finetune(searched, digits, TrainConfig(epochs=1, lr=0.005))
+    model = model_from_checkpoint(tuned).eval()
+    ref = collapse(tuned).reference.eval()
+    x = torch.cat([b for b, _ in digits.batches("val", 512)])
+    with torch.no_grad():
+        a, b = model(x), ref(x)
+    assert torch.equal(a.argmax(1), b.argmax(1))
+    assert (a - b).abs().max() < 1e-4 * a.abs().max()

@@ -15,6 +15,8 @@ from abs_deploy.quant import (
     fake_quant,
     init_weight_clip,
     int_range,
+    round_ste,
+    scale,
     stored_weight_bits,
     weight_clip_shape,
 )
@@ -44,6 +46,18 @@ class _QuantMixin:
         bits = stored_weight_bits(self.w_bits, self.a_bits, self.a_signed)
         return fake_quant(self.weight, clip, bits, True)
 
+    def quant_bias(self) -> Tensor | None:
+        """The bias as export stores it: an int32 at the accumulator scale `s_x * s_w`. Without
+        this, the tiny rounding difference flips codes of a coarse (2-bit) quantizer downstream,
+        and each flip is a whole step."""
+        if self.bias is None or self.w_bits >= FLOAT_BITS or self.a_bits >= FLOAT_BITS:
+            return self.bias
+        s_x = scale(self.a_clip.abs() + 1e-8, self.a_bits, self.a_signed)
+        s_w = scale(self.w_clip.abs() + 1e-8,
+                    stored_weight_bits(self.w_bits, self.a_bits, self.a_signed), True)
+        s = s_x * s_w
+        return round_ste(self.bias / s) * s
+
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, w{self.w_bits}a{self.a_bits}" + \
             ("s" if self.a_signed else "u")
@@ -59,7 +73,7 @@ class QConv2d(_QuantMixin, nn.Conv2d):
         return q
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias)
+        return self._conv_forward(self.quant_input(x), self.quant_weight(), self.quant_bias())
 
 
 class QLinear(_QuantMixin, nn.Linear):
@@ -71,7 +85,7 @@ class QLinear(_QuantMixin, nn.Linear):
         return q
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.quant_input(x), self.quant_weight(), self.bias)
+        return F.linear(self.quant_input(x), self.quant_weight(), self.quant_bias())
 
 
 QUANT_TYPES = (QConv2d, QLinear)
