@@ -337,7 +337,7 @@ class SuperBitConv2d(_SuperBitMixin, QConv2d):
         return q
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias)
+        return self._conv_forward(self.quant_input(x), self.quant_weight(), self.quant_bias())
 
 
 class SuperBitLinear(_SuperBitMixin, QLinear):
@@ -350,7 +350,7 @@ class SuperBitLinear(_SuperBitMixin, QLinear):
         return q
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(self.quant_input(x), self.quant_weight(), self.bias)
+        return F.linear(self.quant_input(x), self.quant_weight(), self.quant_bias())
 
 
 SUPERBIT_TYPES = (SuperBitConv2d, SuperBitLinear)
