@@ -64,6 +64,15 @@ data_dir_option = click.option(
     help="Folder holding the dataset (CIFAR python pickles, or class subfolders of images).")
 
 
+def checkpoint_data_options(fn: Callable) -> Callable:
+    """--dataset (default: the one the checkpoint was trained on) and --data-dir."""
+    from abs_deploy.data import DATASETS
+
+    fn = data_dir_option(fn)
+    return click.option("--dataset", type=click.Choice(DATASETS), default=None,
+                        help="Default: the dataset the checkpoint was trained on.")(fn)
+
+
 def train_options(epochs: int | None = None, lr: float | None = None,
                   batch_size: int = 64) -> Callable:
     """--epochs/--lr/--batch-size/--seed; a None default means "the method's own default"."""

@@ -11,6 +11,7 @@ from abs_deploy import bops
 from abs_deploy.checkpoint import load_checkpoint, save_checkpoint
 from abs_deploy.cli.common import (
     CliError,
+    checkpoint_data_options,
     data_dir_option,
     epoch_printer,
     fmt_count,
@@ -81,9 +82,7 @@ _DEFAULTS = {"uniform": (10, 0.01), "abs": (15, 0.01), "bsq": (15, 0.01), "finet
               help="uniform: activation bits.")
 @click.option("--edge-bits", type=BITS, default=8, show_default=True,
               help="Bits of the first and last layer.")
-@click.option("--dataset", type=click.Choice(DATASETS), default=None,
-              help="Default: the dataset the checkpoint was trained on.")
-@data_dir_option
+@checkpoint_data_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
 @train_options()
 @guarded
@@ -123,9 +122,7 @@ def search(checkpoint, method, target_bops, lam, candidates, max_prune, resume, 
 
 @click.command()
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--dataset", type=click.Choice(DATASETS), default=None,
-              help="Default: the dataset the checkpoint was trained on.")
-@data_dir_option
+@checkpoint_data_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
 @train_options()
 @guarded
