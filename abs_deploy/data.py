@@ -8,6 +8,7 @@ normalised per batch with the dataset's mean/std, which travel in the checkpoint
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import pickle
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -115,16 +116,13 @@ def dataset_for(input_spec: dict, data_dir: str | None = None, name: str | None 
 
 
 def _digits(upsample: bool) -> Dataset:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    from abs_deploy.digits_split import TRAIN, VAL
 
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target, dtype=torch.long)
+    images, target = _digits_arrays()
+    x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(target, dtype=torch.long)
     # Fixed stratified split: 1,437 train / 360 val, the same on every machine.
-    tr, va = train_test_split(np.arange(len(y)), test_size=0.2, random_state=0,
-                              stratify=d.target)
-    tr, va = torch.tensor(tr), torch.tensor(va)
+    tr, va = torch.tensor(TRAIN), torch.tensor(VAL)
     if upsample:
         x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
         x = x.clamp(0, 1).repeat(1, 3, 1, 1)
@@ -132,6 +130,19 @@ def _digits(upsample: bool) -> Dataset:
     std = x[tr].std(dim=(0, 2, 3)).tolist()
     return Dataset("digits32" if upsample else "digits", x[tr], y[tr], x[va], y[va], 10,
                    mean, std, augment=False)
+
+
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's bundled digits (8x8 images, values 0-16, and labels), read from its CSV
+    without importing scikit-learn, whose import costs more than everything else here."""
+    spec = importlib.util.find_spec("sklearn")
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    path = next((Path(f) / "datasets" / "data" / "digits.csv.gz" for f in folders), None)
+    if path is None or not path.is_file():
+        raise UserError("the embedded digits dataset needs scikit-learn installed "
+                        "(pip install scikit-learn)")
+    table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
 
 
 def _cifar(name: str, root: Path, verify: bool) -> Dataset:

@@ -64,33 +64,54 @@ def capture(model: nn.Module, example_input: torch.Tensor) -> ExportedProgram:
         model.train(was_training)
 
 
+class Analysis:
+    """What one capture of a model tells: its channel groups, the BatchNorm after each layer and
+    the layers' call order. Capturing is the slow part (about half a second for ResNet-20, more
+    the first time), so callers that need several of these ask one `Analysis`."""
+
+    def __init__(self, model: nn.Module, example_input: torch.Tensor) -> None:
+        self._model = model
+        self._walk = _Walk(model, capture(model, example_input))
+
+    def groups(self, allow_shared: bool = False) -> list[ChannelGroup]:
+        """Every channel group of the model, in order of first appearance.
+
+        With `allow_shared` a group feeding a residual add is prunable (all its producers then
+        share one gate); by default only groups private to a block are.
+        """
+        return self._walk.groups(allow_shared)
+
+    def following_norm(self) -> dict[str, str | None]:
+        """Each Conv2d/Linear -> the BatchNorm that is the sole reader of its output, else None.
+
+        Sole, because folding the BN into the conv would change any other reader. Layers the
+        forward pass never calls are listed with None, after the called ones.
+        """
+        result: dict[str, str | None] = dict(self._walk.norm_after)
+        for name, module in self._model.named_modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)) and name not in result:
+                result[name] = None
+        return result
+
+    def layer_order(self) -> list[str]:
+        """Conv2d/Linear names in execution order (first call of each)."""
+        return list(self._walk.norm_after)
+
+
 def channel_groups(model: nn.Module, example_input: torch.Tensor,
                    allow_shared: bool = False) -> list[ChannelGroup]:
-    """Every channel group of the model, in order of first appearance.
-
-    With `allow_shared` a group feeding a residual add is prunable (all its producers then share
-    one gate); by default only groups private to a block are.
-    """
-    return _Walk(model, capture(model, example_input)).groups(allow_shared)
+    """`Analysis.groups` of a fresh capture."""
+    return Analysis(model, example_input).groups(allow_shared)
 
 
 def following_norm(model: nn.Module, example_input: torch.Tensor) -> dict[str, str | None]:
-    """Each Conv2d/Linear -> the BatchNorm that is the sole reader of its output, else None.
-
-    Sole, because folding the BN into the conv would change any other reader. Layers the forward
-    pass never calls are listed with None, after the called ones.
-    """
-    walk = _Walk(model, capture(model, example_input))
-    result: dict[str, str | None] = dict(walk.norm_after)
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)) and name not in result:
-            result[name] = None
-    return result
+    """`Analysis.following_norm` of a fresh capture."""
+    return Analysis(model, example_input).following_norm()
 
 
 def layer_order(model: nn.Module, example_input: torch.Tensor) -> list[str]:
-    """Conv2d/Linear names in execution order (first call of each)."""
-    return list(_Walk(model, capture(model, example_input)).norm_after)
+    """`Analysis.layer_order` of a fresh capture."""
+    return Analysis(model, example_input).layer_order()
 
 
 def input_kept(groups: list[ChannelGroup], kept: dict[str, list[int]]) -> dict[str, int]:

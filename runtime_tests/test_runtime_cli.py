@@ -39,7 +39,7 @@ def test_export_prints_the_summary_and_validate_accepts_the_file(good, tmp_path)
     for word in ("BOPs", "top-1", "parity", "ORT", "latency skipped"):
         assert word in result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "m.fp32.onnx", "m.onnx", "report.json", "report.md", "report.png"]
+        "m.fp32.onnx", "m.onnx", "report.html", "report.json", "report.md", "report.png"]
     checked = _run(validate, [out, "--max-images", 64])
     assert checked.exit_code == 0, checked.output
     assert "agree" in checked.stdout

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+import torch
 from rt_checkpoints import random_checkpoint
 
 from abs_deploy.checkpoint import save_checkpoint
@@ -27,9 +28,9 @@ def exported(datasets, tmp_path_factory):
 def test_export_writes_every_file_and_nothing_else(exported):
     _, result, folder = exported
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["model.fp32.onnx", "model.onnx", "model.pt", "report.json", "report.md",
-                     "report.png"]
-    assert set(result.files) == {"onnx", "fp32", "json", "md", "png"}
+    assert names == ["model.fp32.onnx", "model.onnx", "model.pt", "report.html", "report.json",
+                     "report.md", "report.png"]
+    assert set(result.files) == {"onnx", "fp32", "json", "md", "png", "html"}
 
 
 @pytest.mark.parametrize("key", ["onnx", "fp32"])
@@ -141,3 +142,19 @@ def test_validate_file_reads_normalisation_and_dataset_from_metadata(exported):
     check = validate_file(result.files["onnx"], max_images=64)
     assert check.passed and check.images == 64
     assert check.accuracy_all == pytest.approx(check.accuracy_off, abs=0.02)
+
+
+@pytest.mark.parametrize("bn_folded", [False, True])
+def test_collapse_groups_are_the_exported_models_groups(datasets, bn_folded):
+    """Export captures the architecture once, before a bn_folded checkpoint's BNs are dropped;
+    the channel structure it reads must be the one of the models it prunes."""
+    from abs_deploy import graph
+    from abs_deploy.export.collapse import collapse
+
+    ckpt = random_checkpoint("resnet20", datasets("digits32"), seed=3, bn_folded=bn_folded)
+    col = collapse(ckpt)
+    for model in (col.original, col.masked_float):
+        fresh = graph.channel_groups(model, torch.zeros(col.input_shape))
+        assert [(g.producers, g.consumers, g.depthwise, g.prunable, g.spatial)
+                for g in fresh] == [(g.producers, g.consumers, g.depthwise, g.prunable,
+                                     g.spatial) for g in col.groups]

@@ -181,6 +181,21 @@ class SENet(nn.Module):
         return self.fc(self.head(x).mean((2, 3)))
 
 
+class UpsampleNet(nn.Module):
+    """FPN/U-Net style: a coarse map upsampled (nearest) and added to a fine one."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3) -> None:
+        super().__init__()
+        self.fine = nn.Sequential(*_cbr(in_chans, 16))
+        self.coarse = nn.Sequential(*_cbr(16, 16, stride=2))
+        self.fc = nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        fine = self.fine(x)
+        up = F.interpolate(self.coarse(fine), scale_factor=2.0, mode="nearest")
+        return self.fc((fine + up).mean((2, 3)))
+
+
 def vgg(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
     return VGG(num_classes, in_chans)
 
@@ -220,5 +235,9 @@ def mobilenetv2_style(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
                         in_chans=in_chans)
 
 
+def upsample_net(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
+    return UpsampleNet(num_classes, in_chans)
+
+
 ALL = ["vgg", "view_net", "resnet18_style", "resnet50_style", "resnext_style", "densenet_style",
-       "inception_style", "se_net", "mobilenetv2_style"]
+       "inception_style", "se_net", "mobilenetv2_style", "upsample_net"]

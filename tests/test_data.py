@@ -119,3 +119,18 @@ def test_unreadable_image_is_named(tmp_path):
     (tmp_path / "cat" / "broken.png").write_bytes(b"not an image")
     with pytest.raises(UserError, match="broken.png"):
         load_dataset("imagefolder", str(tmp_path))
+
+
+def test_embedded_digits_are_sklearns_data_and_split(digits):
+    """The split written out in abs_deploy/digits_split.py must stay what scikit-learn's
+    stratified train_test_split gives, images and order included."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    tr, va = train_test_split(np.arange(len(d.target)), test_size=0.2, random_state=0,
+                              stratify=d.target)
+    images = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    assert torch.equal(digits.train_x, images[tr]) and torch.equal(digits.val_x, images[va])
+    assert digits.train_y.tolist() == d.target[tr].tolist()
+    assert digits.val_y.tolist() == d.target[va].tolist()

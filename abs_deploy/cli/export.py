@@ -13,8 +13,7 @@ import onnx
 from abs_deploy.cli.common import CliError, data_dir_option, fmt_count, guarded, progress
 from abs_deploy.data import DATASETS
 from abs_deploy.export.errors import ExportFailed
-
-MODEL_LABELS = {"fp_original": "FP original", "fp_pruned": "pruned FP", "qcdq": "QCDQ"}
+from abs_deploy.export.html_report import MODEL_LABELS
 
 
 class ExportFailedError(click.ClickException):
@@ -60,10 +59,16 @@ def failing_checks(fn: Callable) -> Callable:
 @click.option("--no-reduce-range", is_flag=True,
               help="Keep 8-bit weights at 8 bits where they meet 8-bit or signed inputs "
                    "(ORT's u8s8 kernels on AVX2 without VNNI may then saturate).")
+@click.option("--check-runtime", "check_runtimes", type=click.Choice(["openvino"]),
+              multiple=True, help="Also validate (and time) the QCDQ model in this runtime; "
+                                  "openvino needs the extra: pip install 'abs-deploy[openvino]'.")
+@click.option("--ort-format", is_flag=True,
+              help="Also write model.ort, the file ONNX Runtime Mobile loads, and validate it.")
 @guarded
 @failing_checks
 def export_main(checkpoint, to_onnx, output, opset, weights, no_simplify, skip_latency,
-                dataset, data_dir, batch_size, max_images, threads, runs, no_reduce_range):
+                dataset, data_dir, batch_size, max_images, threads, runs, no_reduce_range,
+                check_runtimes, ort_format):
     """Collapse, prune and export a searched or fine-tuned CHECKPOINT as QCDQ ONNX, validate
     it in ONNX Runtime against the PyTorch reference, and report BOPs, parity and latency."""
     from abs_deploy.export.pipeline import ExportOptions, export_model
@@ -73,7 +78,9 @@ def export_main(checkpoint, to_onnx, output, opset, weights, no_simplify, skip_l
     opts = ExportOptions(output=output, opset=opset, weights=weights, simplify=not no_simplify,
                          latency=not skip_latency, dataset=dataset, data_dir=data_dir,
                          batch_size=batch_size, threads=threads, latency_runs=runs,
-                         reduce_range=not no_reduce_range, max_images=max_images)
+                         reduce_range=not no_reduce_range, max_images=max_images,
+                         check_runtimes=tuple(dict.fromkeys(check_runtimes)),
+                         ort_format=ort_format)
     result = export_model(checkpoint, opts, progress, on_step=_announce)
     print_summary(result)
 
@@ -91,7 +98,7 @@ def print_summary(result) -> None:
     click.echo(f"exported {r['arch']} ({r['stage']}, {r['method']}) in {result.seconds:.1f} s "
                f"-> {folder}/")
     click.echo("  files   " + ", ".join(
-        f"{p.name} ({_size(p.stat().st_size)})" if p.suffix == ".onnx" else p.name
+        f"{p.name} ({_size(p.stat().st_size)})" if p.suffix in (".onnx", ".ort") else p.name
         for p in result.files.values()))
     ratio = t["ratios"]
     versus = " (vs its float32 weights)" if t.get("fp_file_estimated") else ""
@@ -106,19 +113,34 @@ def print_summary(result) -> None:
     click.echo(f"  parity  pruned = masked to {max(p['logits_rel'], p['onnx_logits_rel']):.0e}"
                f"  |  ORT no-opt logits {off['logits_rel']:.0e}"
                f"  |  ORT int8: top-1 agree {_pct(full['top1_agreement'])}, codes equal "
-               f"{_pct(full['codes_equal'], 3)}, max diff {full['codes_max_diff']}   "
-               "all passed")
+               f"{_pct(full['codes_equal'], 3)}, max diff {full['codes_max_diff']}")
+    ov = par.get("openvino")
+    if ov:
+        click.echo(f"          OpenVINO: top-1 {_pct(ov['accuracy'])}, agree "
+                   f"{_pct(ov['top1_agreement'])}, codes equal {_pct(ov['codes_equal'], 3)}, "
+                   f"max diff {ov['codes_max_diff']}")
+    mobile = par.get("ort_format")
+    if mobile:
+        click.echo(f"          .ort: top-1 {_pct(mobile['accuracy'])}, agree "
+                   f"{_pct(mobile['top1_agreement'])}, logits vs .onnx "
+                   f"{mobile['onnx_logits_rel']:.0e}")
+    click.echo("          all checks passed")
     lat = r.get("latency")
     if not lat:
         click.echo("  latency skipped")
         return
     rows = lat["rows"]
     cols = sorted({(row["batch"], row["threads"]) for row in rows})
-    click.echo(f"  latency in ORT, median / p90 ms ({rows[0]['runs']} runs), {lat['cpu']}")
-    click.echo("    " + f"{'':<12}" + "".join(f"{f'bs{b} {n}t':>18}" for b, n in cols))
-    for model in dict.fromkeys(row["model"] for row in rows):
+    runtimes = "ONNX Runtime" + (" and OpenVINO" if any(
+        row["model"].endswith("_openvino") for row in rows) else "")
+    click.echo(f"  latency in {runtimes}, median / p90 ms ({rows[0]['runs']} runs), "
+               f"{lat['cpu']}")
+    models = list(dict.fromkeys(row["model"] for row in rows))
+    width = max(len(MODEL_LABELS.get(m, m)) for m in models) + 1
+    click.echo("    " + " " * width + "".join(f"{f'bs{b} {n}t':>18}" for b, n in cols))
+    for model in models:
         cells = {(row["batch"], row["threads"]): row for row in rows if row["model"] == model}
-        click.echo("    " + f"{MODEL_LABELS.get(model, model):<12}" + "".join(
+        click.echo("    " + f"{MODEL_LABELS.get(model, model):<{width}}" + "".join(
             f"{cells[c]['median_ms']:>9.2f} /{cells[c]['p90_ms']:>7.2f}" for c in cols))
     setting = lat["headline"]
     speed = lat["speedup_vs_fp_original"].get(setting, {})
@@ -135,13 +157,16 @@ def print_summary(result) -> None:
 @data_dir_option
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--max-images", type=click.IntRange(1), default=None)
+@click.option("--runtime", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime",
+              show_default=True, help="The runtime to check against ORT without optimizations "
+                                      "(float DQ math, the reference's own).")
 @guarded
-def validate(model, dataset, data_dir, batch_size, max_images):
-    """Accuracy of an exported MODEL in ONNX Runtime, with and without graph optimizations,
-    and how well the two agree."""
+def validate(model, dataset, data_dir, batch_size, max_images, runtime):
+    """Accuracy of an exported MODEL in ONNX Runtime (or OpenVINO) with all graph
+    optimizations, against ONNX Runtime without them, and how well the two agree."""
     from abs_deploy.export.pipeline import validate_file
 
-    check = validate_file(model, dataset, data_dir, batch_size, max_images, progress)
+    check = validate_file(model, dataset, data_dir, batch_size, max_images, progress, runtime)
     layers = check.decision or {}
     if layers:
         bits = ", ".join(f"w{d['w_bits']}a{d['a_bits']}" for d in layers.values())
@@ -149,7 +174,8 @@ def validate(model, dataset, data_dir, batch_size, max_images):
         total = sum(d["total"] for d in layers.values())
         click.echo(f"{Path(model).name}: {len(layers)} layers ({bits}), {kept}/{total} "
                    "filters kept")
-    click.echo(f"top-1 on {check.images} images: ORT {_pct(check.accuracy_all)}, ORT without "
+    name = "OpenVINO" if runtime == "openvino" else "ORT"
+    click.echo(f"top-1 on {check.images} images: {name} {_pct(check.accuracy_all)}, ORT without "
                f"optimizations {_pct(check.accuracy_off)}; the two agree on "
                f"{_pct(check.top1_agreement)} (logits {check.logits_rel:.1e} relative)")
     if check.failure:

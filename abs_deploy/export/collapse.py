@@ -76,6 +76,9 @@ class Collapsed:
     reference: nn.Module
     layers: dict[str, LayerQuant]  # in execution order
     input_shape: list[int]
+    # The architecture's channel groups, from the same capture that found the BNs to fold: the
+    # three models share its channel structure (a folded BN is an Identity in them).
+    groups: list[graph.ChannelGroup] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
 
@@ -89,7 +92,8 @@ def collapse(ckpt: dict, reduce_range: bool = True) -> Collapsed:
     model = _build(ckpt["arch"])
     example = torch.zeros(shape)
     order = call_order(model, example)
-    norms = graph.following_norm(model, example)
+    analysis = graph.Analysis(model, example)
+    norms = analysis.following_norm()
     layers = read_decision(ckpt.get("decision"), model, order, norms, reduce_range)
     if ckpt.get("bn_folded"):
         _drop_folded_norms(model, layers)
@@ -110,7 +114,8 @@ def collapse(ckpt: dict, reduce_range: bool = True) -> Collapsed:
         notes.append(f"{len(reduced)} layer(s) with 8-bit weights and 8-bit or signed inputs "
                      "store 7-bit weights (int16 saturation of ORT's u8s8 kernels on AVX2): "
                      + ", ".join(reduced))
-    return Collapsed(original, model, reference.eval(), layers, shape, notes)
+    return Collapsed(original, model, reference.eval(), layers, shape, analysis.groups(),
+                     notes)
 
 
 @torch.no_grad()

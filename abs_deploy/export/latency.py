@@ -16,6 +16,7 @@ from abs_deploy.export.validate import session
 
 Progress = Callable[[Iterable, int, str], Iterable]
 MIN_RUNS = 50
+WARMUP = 10  # untimed runs per model and setting before the timed ones
 
 
 @dataclass
@@ -52,11 +53,16 @@ def cpu_name() -> str:
 
 def measure(models: dict[str, onnx.ModelProto], input_shape: list[int],
             batches: tuple[int, ...] = (1, 32), threads: tuple[int, ...] | None = None,
-            runs: int = MIN_RUNS, warmup: int = 5,
-            progress: Callable[[Iterable, int, str], Iterable] | None = None) -> list[Timing]:
-    """Every (model, batch, threads) combination. Within one (batch, threads) setting the
-    models take turns run by run, so a burst of other work on the machine slows all of them
-    alike instead of whichever happened to be timed then."""
+            runs: int = MIN_RUNS, warmup: int = WARMUP,
+            progress: Callable[[Iterable, int, str], Iterable] | None = None,
+            runtimes: dict[str, str] | None = None) -> list[Timing]:
+    """Every (model, batch, threads) combination; `runtimes` names the models to run in
+    OpenVINO instead of ONNX Runtime. Within one (batch, threads) setting the models take
+    turns run by run, so a burst of other work on the machine slows all of them alike instead
+    of whichever happened to be timed then (measured here: this machine has phases in which
+    everything runs up to 1.7x slower, long enough to cover a whole block of one model's
+    runs)."""
+    runtimes = runtimes or {}
     threads = threads or tuple(sorted({1, all_threads()}))
     runs = max(runs, MIN_RUNS)
     rng = np.random.default_rng(0)
@@ -70,7 +76,7 @@ def measure(models: dict[str, onnx.ModelProto], input_shape: list[int],
                 # Pool threads sleep instead of spinning between operators: on a machine that
                 # runs other work too, spinning threads time the contention, not the model
                 # (measured here: 3x slower at two threads on a busy 2-core machine).
-                sessions[name, t] = session(model, optimize=True, threads=t)
+                sessions[name, t] = _session(model, t, runtimes.get(name, "onnxruntime"))
         feeds = {name: {sessions[name, t].get_inputs()[0].name: x} for name in models}
         times = {name: np.empty(runs) for name in models}
         for i in range(-warmup, runs):
@@ -82,6 +88,14 @@ def measure(models: dict[str, onnx.ModelProto], input_shape: list[int],
         out += [Timing(name, b, t, float(np.median(v) * 1e3),
                        float(np.percentile(v, 90) * 1e3), runs) for name, v in times.items()]
     return out
+
+
+def _session(model: onnx.ModelProto, threads: int, runtime: str) -> object:
+    if runtime == "openvino":
+        from abs_deploy.export.openvino_runtime import OVSession
+
+        return OVSession(model, threads=threads)
+    return session(model, optimize=True, threads=threads)
 
 
 def speedups(timings: list[Timing], baseline: str = "fp_original"

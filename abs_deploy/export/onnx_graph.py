@@ -212,8 +212,7 @@ class _Translator:
             return self._binary(node, _BINARY[packet])
         handler = self.handlers.get(packet)
         if handler is None:
-            stack = list((node.meta.get("nn_module_stack") or {}).values())
-            where = f" in {stack[-1][0]}" if stack else ""
+            where = _module_of(node)
             raise UserError(f"export cannot translate op {node.target}{where} (node "
                             f"{node.name}); supported: conv, linear, batch norm, ReLU/ReLU6/"
                             "clamp, add/mul, pooling, flatten/reshape, cat")
@@ -505,3 +504,13 @@ def _arg(node: Node, index: int, name: str, default: object) -> object:
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
+
+
+def _module_of(node: Node) -> str:
+    """' in <module path> (<class>)' of the module whose forward holds `node`."""
+    stack = list((node.meta.get("nn_module_stack") or {}).values())
+    if not stack:
+        return ""
+    path, cls = stack[-1]
+    name = getattr(cls, "__name__", None) or str(cls).rsplit(".", 1)[-1]
+    return f" in {path or 'the top-level module'} ({name})"

@@ -22,10 +22,10 @@ from abs_deploy import bops, graph
 from abs_deploy.checkpoint import load_checkpoint
 from abs_deploy.data import Dataset, dataset_for
 from abs_deploy.errors import UserError
-from abs_deploy.export import report
+from abs_deploy.export import openvino_runtime, ort_format, report
 from abs_deploy.export.collapse import Collapsed, collapse
 from abs_deploy.export.errors import ExportFailed
-from abs_deploy.export.latency import MIN_RUNS, Timing, all_threads, cpu_name, measure
+from abs_deploy.export.latency import MIN_RUNS, WARMUP, Timing, all_threads, cpu_name, measure
 from abs_deploy.export.onnx_graph import build_onnx, capture
 from abs_deploy.export.prune import prune
 from abs_deploy.export.qdq import ActQuant
@@ -63,6 +63,8 @@ class ExportOptions:
     latency_batches: tuple[int, ...] = (1, 32)
     reduce_range: bool = True  # 7-bit weights where 8-bit weights meet unsigned 8-bit inputs
     max_images: int | None = None  # validate on the first N validation images only
+    check_runtimes: tuple[str, ...] = ()  # more runtimes to validate and time ("openvino")
+    ort_format: bool = False  # also write model.ort (ONNX Runtime Mobile) and validate it
 
 
 @dataclass
@@ -105,6 +107,10 @@ def _export(ckpt_path: Path, opts: ExportOptions, progress: Progress,
     out = _output_path(ckpt_path, opts)
     if opts.weights not in WEIGHTS:
         raise UserError(f"--weights must be one of {', '.join(WEIGHTS)}, got {opts.weights!r}")
+    for rt in opts.check_runtimes:
+        if rt != "openvino":
+            raise UserError(f"unknown runtime {rt!r} to check; known: openvino")
+        openvino_runtime.require()
     tmp = _temp_dir(out.parent)
     try:
         with step("load"):
@@ -123,23 +129,41 @@ def _export(ckpt_path: Path, opts: ExportOptions, progress: Progress,
             with step("simplify"):
                 files.qcdq, files.fp32 = simplify(files.qcdq), simplify(files.fp32)
         with step("validate"):
-            checks = _validate(col, pruned, files, batches, progress)
+            checks = _validate(col, pruned, files, batches, progress, opts.check_runtimes)
+        ort_file = None
+        if opts.ort_format:
+            with step("ort format"):
+                ort_file = ort_format.convert(files.qcdq, tmp / f"{out.stem}.ort")
+                checks.ort_format = ort_format.check(ort_file, files.qcdq, pruned.reference,
+                                                     batches, progress)
+                if checks.ort_format.failure:
+                    raise ExportFailed(checks.ort_format.failure)
         timings: list[Timing] = []
         if opts.latency:
             with step("latency"):
                 threads = tuple(sorted({1, opts.threads or all_threads()}))
-                timings = measure({"fp_original": files.original, "fp_pruned": files.fp32,
-                                   "qcdq": files.qcdq}, col.input_shape, opts.latency_batches,
-                                  threads, opts.latency_runs, progress=progress)
+                models = {"fp_original": files.original, "fp_pruned": files.fp32,
+                          "qcdq": files.qcdq}
+                runtimes = {}
+                if "openvino" in opts.check_runtimes:
+                    # All three again: a runtime is judged against its own float baseline.
+                    for name in list(models):
+                        models[f"{name}_openvino"] = models[name]
+                        runtimes[f"{name}_openvino"] = "openvino"
+                timings = measure(models, col.input_shape, opts.latency_batches, threads,
+                                  opts.latency_runs, progress=progress, runtimes=runtimes)
         with step("report"):
             paths = {"onnx": tmp / out.name, "fp32": tmp / f"{out.stem}.fp32.onnx"}
+            if ort_file:
+                paths["ort"] = ort_file
             onnx.save(files.qcdq, paths["onnx"])
             onnx.save(files.fp32, paths["fp32"])
             rep = _report(ckpt, ckpt_path, col, pruned, files, checks, timings, data.name,
                           opts, paths["onnx"].stat().st_size)
             rep["files"] = {**{k: p.name for k, p in paths.items()},
-                            **{k: f"report.{k}" for k in ("json", "md", "png")}}
+                            **{k: f"report.{k}" for k in ("json", "md", "png", "html")}}
             rep["seconds"] = {**steps, "total": time.perf_counter() - t0}
+            rep["parity"].update(_more_parity(checks))
             paths.update(report.write(rep, tmp))
         final = _move_into_place(paths, out.parent)
     except BaseException:
@@ -160,9 +184,8 @@ def _prune(col: Collapsed) -> _Pruned:
     kept = {n: list(lq.kept) for n, lq in col.layers.items()}
     if all(len(lq.kept) == lq.total for lq in col.layers.values()):
         return _Pruned(col.masked_float, col.reference, {})
-    groups = graph.channel_groups(col.original, torch.zeros(col.input_shape))
-    return _Pruned(prune(col.masked_float, groups, kept), prune(col.reference, groups, kept),
-                   graph.input_kept(groups, kept))
+    return _Pruned(prune(col.masked_float, col.groups, kept),
+                   prune(col.reference, col.groups, kept), graph.input_kept(col.groups, kept))
 
 
 @dataclass
@@ -194,17 +217,29 @@ class _Checks:
     off: ModeParity
     full: ModeParity
     float_accuracy: float  # the checkpoint's weights run in float (the `original` model)
+    others: dict[str, ModeParity] = field(default_factory=dict)  # runtime -> its parity
+    ort_format: ort_format.OrtFormatParity | None = None
 
 
 def _validate(col: Collapsed, pruned: _Pruned, files: _Files, batches: Batches,
-              progress: Progress) -> _Checks:
+              progress: Progress, runtimes: tuple[str, ...] = ()) -> _Checks:
     pruning = check_pruning(col.masked_float, pruned.float, files.fp32, col.layers, batches,
                             progress)
-    ref_acc, off, full = check_qcdq(files.qcdq, pruned.reference, col.layers, batches, progress)
-    failures = [f for f in (pruning.failure, off.failure, full.failure) if f]
+    ref_acc, off, full, others = check_qcdq(files.qcdq, pruned.reference, col.layers, batches,
+                                            progress, runtimes)
+    failures = [f for f in (pruning.failure, off.failure, full.failure,
+                            *(o.failure for o in others.values())) if f]
     if failures:
         raise ExportFailed(" | ".join(failures))
-    return _Checks(pruning, ref_acc, off, full, accuracy(col.original, batches))
+    return _Checks(pruning, ref_acc, off, full, accuracy(col.original, batches), others)
+
+
+def _more_parity(checks: _Checks) -> dict:
+    """Parity entries beyond ORT's two modes: other runtimes and the .ort file."""
+    more: dict = {rt: p.as_dict() for rt, p in checks.others.items()}
+    if checks.ort_format:
+        more["ort_format"] = checks.ort_format.as_dict()
+    return more
 
 
 def _report(ckpt: dict, ckpt_path: Path, col: Collapsed, pruned: _Pruned, files: _Files,
@@ -214,6 +249,7 @@ def _report(ckpt: dict, ckpt_path: Path, col: Collapsed, pruned: _Pruned, files:
     rows = report.layer_rows(col.layers, costs, pruned.in_kept, pruned.float, col.original,
                              files.quant)
     return {
+        "format": report.FORMAT,
         "checkpoint": str(ckpt_path), "stage": ckpt["stage"],
         "method": ckpt.get("method", "unknown"), "arch": _arch_name(ckpt["arch"]),
         "dataset": dataset, "input_shape": col.input_shape,
@@ -229,16 +265,21 @@ def _report(ckpt: dict, ckpt_path: Path, col: Collapsed, pruned: _Pruned, files:
             checks.full.images)),
         "checkpoint_metrics": ckpt.get("metrics", {}),
         "parity": report.parity_section(checks.pruning, checks.off, checks.full),
-        "latency": report.latency_section(timings, cpu_name()),
+        "latency": report.latency_section(timings, _cpu(opts), WARMUP),
         "notes": col.notes + _notes(rows),
+        "history": report.history_section(ckpt.get("history")),
     }
 
 
 def validate_file(path: str | os.PathLike, dataset: str | None = None,
                   data_dir: str | None = None, batch_size: int = 256,
-                  max_images: int | None = None, progress: Progress = no_progress) -> FileCheck:
-    """`abs validate`: an exported file's accuracy in ORT with and without optimizations and
-    how well the two agree. Normalisation (and the default dataset) come from its metadata."""
+                  max_images: int | None = None, progress: Progress = no_progress,
+                  runtime: str = "onnxruntime") -> FileCheck:
+    """`abs validate`: an exported file's accuracy in ORT with all optimizations (or in
+    OpenVINO) and in ORT without them, and how well the two agree. Normalisation (and the
+    default dataset) come from its metadata."""
+    if runtime == "openvino":
+        openvino_runtime.require()
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
@@ -251,7 +292,7 @@ def validate_file(path: str | os.PathLike, dataset: str | None = None,
     if not dataset:
         raise UserError(f"{path} names no dataset in its metadata; give --dataset")
     data = _with_normalisation(dataset_for(spec, data_dir, dataset), spec)
-    return check_file(str(path), _batches(data, batch_size, max_images), progress)
+    return check_file(str(path), _batches(data, batch_size, max_images), progress, runtime)
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -376,6 +417,12 @@ def _fp_accuracy(ckpt: dict, float_accuracy: float) -> tuple[float, str]:
     if isinstance(recorded, (int, float)):
         return float(recorded), "checkpoint"
     return float_accuracy, "float weights"
+
+
+def _cpu(opts: ExportOptions) -> str:
+    if "openvino" in opts.check_runtimes:
+        return f"{cpu_name()}; {openvino_runtime.device_name()}"
+    return cpu_name()
 
 
 def _arch_name(arch: dict) -> str:

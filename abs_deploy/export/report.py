@@ -1,5 +1,7 @@
 """The export report (DESIGN §9): `report.json` (everything), `report.md` (the same for a
-reader) and a PNG with per-layer bits and kept-filter fractions.
+reader), a PNG with per-layer bits and kept-filter fractions, and `report.html` (tables and
+plots in one self-contained page, see `html_report.py`). The three views are made from the
+JSON alone, so `rebuild` can remake them from a `report.json`.
 
 Counting conventions: MACs and BOPs as in `bops.py` (full precision is 32x32); a layer's weight
 bytes are its kept weights packed at the decided bits plus its bias (int32 or float32, 4
@@ -10,18 +12,27 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
 from abs_deploy import bops
+from abs_deploy.errors import UserError
+from abs_deploy.export import html_report
 from abs_deploy.export.collapse import FLOAT_BITS, LayerQuant
+from abs_deploy.export.html_report import MODEL_LABELS, count, pct
 from abs_deploy.export.latency import Timing, headline_setting, speedups
 from abs_deploy.export.qdq import ActQuant
 from abs_deploy.export.validate import ModeParity, PruneParity
 
-MODEL_LABELS = {"fp_original": "FP original", "fp_pruned": "pruned FP", "qcdq": "QCDQ"}
+FORMAT = "abs-deploy-report/1"
+# What `load` insists on before it renders a file: enough to tell our report from any JSON.
+_REQUIRED = ("checkpoint", "stage", "method", "arch", "dataset", "layers", "totals", "accuracy",
+             "parity")
 
 
 @dataclass
@@ -79,13 +90,13 @@ def totals(rows: list[dict], fp_params: int, params: int, fp_file: int | None,
     return {"fp": fp, "exported": ours, "ratios": ratios, "fp_file_estimated": fp_file is None}
 
 
-def latency_section(timings: list[Timing], cpu: str) -> dict | None:
+def latency_section(timings: list[Timing], cpu: str, warmup: int | None = None) -> dict | None:
     if not timings:
         return None
     speed = speedups(timings)
     setting = headline_setting(timings)
     head = speed.get(setting, {})
-    return {"cpu": cpu, "rows": [t.as_dict() for t in timings],
+    return {"cpu": cpu, "warmup": warmup, "rows": [t.as_dict() for t in timings],
             "speedup_vs_fp_original": speed, "headline": setting,
             "fastest": max(head, key=head.get) if head else None}
 
@@ -95,14 +106,106 @@ def parity_section(pruning: PruneParity, off: ModeParity, full: ModeParity) -> d
             "ort_optimized": full.as_dict()}
 
 
+def history_section(history: object) -> list[dict]:
+    """The checkpoint's per-epoch log (pretraining, search, fine-tuning: `EpochLog.as_dict()`
+    plus the method's extras such as `bops`), plain scalars only: it is carried into
+    report.json, which must hold whatever a search method chose to log."""
+    out = []
+    for entry in history if isinstance(history, list) else []:
+        if isinstance(entry, dict):
+            out.append({str(k): None if isinstance(v, float) and not math.isfinite(v) else v
+                        for k, v in entry.items()
+                        if v is None or isinstance(v, (bool, int, float, str))})
+    return out
+
+
 def write(report: dict, folder: Path) -> dict[str, Path]:
-    """report.json, report.md and report.png in `folder`; returns their paths."""
-    paths = {"json": folder / "report.json", "md": folder / "report.md",
-             "png": folder / "report.png"}
-    paths["json"].write_text(json.dumps(report, indent=1, default=_jsonable) + "\n")
-    paths["md"].write_text(markdown(report))
-    plot(report["layers"], paths["png"])
-    return paths
+    """report.json, report.md, report.png and report.html in `folder`; returns their paths."""
+    path = folder / "report.json"
+    text = json.dumps(report, indent=1, default=_jsonable) + "\n"
+    views = _views(report, folder)
+    _write_all({path: lambda tmp: tmp.write_text(text, encoding="utf-8"), **views})
+    return {"json": path, **{p.suffix[1:]: p for p in views}}
+
+
+def load(path: str | os.PathLike) -> dict:
+    """A report.json (or the run folder holding one), checked to be an export report; any
+    problem is one `UserError` line."""
+    path = _json_path(Path(path))
+    try:
+        rep = json.loads(path.read_bytes())
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})") from None
+    except ValueError as e:  # JSONDecodeError, or bytes that are not UTF-8
+        raise UserError(f"{path}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(rep, dict):
+        raise UserError(f"{path}: not an abs-deploy export report (a JSON "
+                        f"{type(rep).__name__}, not an object)")
+    if rep.get("format", FORMAT) != FORMAT:
+        raise UserError(f"{path}: report format {str(rep['format'])[:60]!r}, this version "
+                        f"reads {FORMAT}")
+    missing = [k for k in _REQUIRED if k not in rep]
+    if missing:
+        raise UserError(f"{path}: not an abs-deploy export report (no "
+                        f"{', '.join(repr(k) for k in missing)})")
+    if not isinstance(rep["layers"], list) or not rep["layers"] or \
+            not all(isinstance(r, dict) for r in rep["layers"]):
+        raise UserError(f"{path}: malformed report ('layers' is not a list of layer rows)")
+    return rep
+
+
+def rebuild(path: str | os.PathLike) -> dict[str, Path]:
+    """`abs report`: remake report.md, report.png and report.html beside a report.json from
+    it alone; the JSON itself is left as it is. Returns the paths written."""
+    json_path = _json_path(Path(path))
+    rep = load(json_path)
+    try:
+        views = _views(rep, json_path.parent)
+        _write_all(views)
+    # The keys `load` checks are there, but a hand-edited file can still hold a string where
+    # a number belongs, or a zero count; say so in one line rather than with a traceback.
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as e:
+        raise UserError(f"{json_path}: malformed report ({type(e).__name__}: "
+                        f"{str(e)[:100]})") from None
+    return {p.suffix[1:]: p for p in views}
+
+
+def _json_path(path: Path) -> Path:
+    if path.is_dir():
+        if not (path / "report.json").is_file():
+            raise UserError(f"{path}: no report.json in this folder")
+        return path / "report.json"
+    if not path.exists():
+        raise UserError(f"{path}: no such file or folder")
+    return path
+
+
+def _views(report: dict, folder: Path) -> dict[Path, Callable[[Path], None]]:
+    """The three views, rendered now (so a report that cannot be drawn fails before any file
+    is touched) and written by `_write_all`."""
+    md, page = markdown(report), html_report.render(report)
+    return {folder / "report.md": lambda tmp: tmp.write_text(md, encoding="utf-8"),
+            folder / "report.png": lambda tmp: plot(report["layers"], tmp),
+            folder / "report.html": lambda tmp: tmp.write_text(page, encoding="utf-8")}
+
+
+def _write_all(writers: dict[Path, Callable[[Path], None]]) -> None:
+    """Each file under a temporary name beside its target, renamed only when all are written:
+    a reader never sees half a file, and a failure leaves the old files as they were."""
+    temps: dict[Path, Path] = {}
+    try:
+        for path, write_to in writers.items():
+            # Not mkstemp: its files are private (0600), and a report is for others to open.
+            # The suffix stays last: matplotlib picks the image format from it.
+            temps[path] = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}{path.suffix}")
+            write_to(temps[path])
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
 
 
 def _jsonable(v: object) -> object:
@@ -128,38 +231,43 @@ def markdown(r: dict) -> str:
     for key, label in (("bops", "BOPs"), ("macs", "MACs"), ("params", "parameters"),
                        ("weight_bytes", "layer weight bytes"), ("file_bytes", file_label)):
         ratio = t["ratios"][key]
-        lines.append(f"| {label} | {_count(t['fp'][key])} | {_count(t['exported'][key])} | "
+        lines.append(f"| {label} | {count(t['fp'][key])} | {count(t['exported'][key])} | "
                      f"{ratio:.2f}x |")
     lines += ["", "## Accuracy (top-1)", "",
               "| FP original | checkpoint weights in float | reference | ORT | "
               "ORT (no optimizations) |", "|---:|---:|---:|---:|---:|",
-              f"| {_pct(acc['fp_original'])} ({acc['fp_source']}) | "
-              f"{_pct(acc['float_weights'])} | {_pct(acc['reference'])} | {_pct(acc['ort'])} | "
-              f"{_pct(acc['ort_unoptimized'])} |", "", "## Parity", ""]
+              f"| {pct(acc['fp_original'])} ({acc['fp_source']}) | "
+              f"{pct(acc['float_weights'])} | {pct(acc['reference'])} | {pct(acc['ort'])} | "
+              f"{pct(acc['ort_unoptimized'])} |", "", "## Parity", ""]
     p, off, full = par["pruning"], par["ort_unoptimized"], par["ort_optimized"]
     lines += [f"- pruned vs masked float: logits {p['logits_rel']:.1e} relative (ORT "
               f"{p['onnx_logits_rel']:.1e}), worst layer {p['worst_layer']} "
               f"{p['worst_layer_rel']:.1e}",
               f"- ORT without optimizations vs reference: logits {off['logits_rel']:.1e} "
-              f"relative, top-1 agreement {_pct(off['top1_agreement'])}, codes equal "
-              f"{_pct(off['codes_equal'], 3)}",
+              f"relative, top-1 agreement {pct(off['top1_agreement'])}, codes equal "
+              f"{pct(off['codes_equal'], 3)}",
               f"- ORT optimized (int8 kernels) vs reference: top-1 agreement "
-              f"{_pct(full['top1_agreement'])}, codes equal {_pct(full['codes_equal'], 3)}, "
+              f"{pct(full['top1_agreement'])}, codes equal {pct(full['codes_equal'], 3)}, "
               f"max code difference {full['codes_max_diff']}", ""]
     lat = r.get("latency")
     if lat:
-        lines += ["## Latency in ONNX Runtime", "", f"CPU: {lat['cpu']}. Median / p90 in ms "
-                  f"over {lat['rows'][0]['runs']} runs after warm-up.", "",
+        models = list(dict.fromkeys(row["model"] for row in lat["rows"]))
+        where = ("ONNX Runtime and OpenVINO" if any(m.endswith("_openvino") for m in models)
+                 else "ONNX Runtime")
+        warm = f"{lat['warmup']} warm-up runs" if lat.get("warmup") else "warm-up"
+        lines += [f"## Latency in {where}", "", f"CPU: {lat['cpu']}. Median / p90 in ms "
+                  f"over {lat['rows'][0]['runs']} runs after {warm}; within a setting the "
+                  "models take turns run by run.", "",
                   "| model | batch | threads | median | p90 |", "|---|---:|---:|---:|---:|"]
         for row in lat["rows"]:
             lines.append(f"| {MODEL_LABELS.get(row['model'], row['model'])} | {row['batch']} | "
                          f"{row['threads']} | {row['median_ms']:.3f} | {row['p90_ms']:.3f} |")
         lines += ["", "Speed relative to the FP original (its median over each model's):", "",
-                  "| setting | " + " | ".join(MODEL_LABELS.values()) + " |",
-                  "|---|" + "---:|" * len(MODEL_LABELS)]
+                  "| setting | " + " | ".join(MODEL_LABELS.get(m, m) for m in models) + " |",
+                  "|---|" + "---:|" * len(models)]
         for setting, speed in lat["speedup_vs_fp_original"].items():
             lines.append(f"| {setting} | " + " | ".join(
-                f"{speed[m]:.2f}x" if m in speed else "n/a" for m in MODEL_LABELS) + " |")
+                f"{speed[m]:.2f}x" if m in speed else "n/a" for m in models) + " |")
         lines += ["", f"Fastest at {lat['headline']}: "
                   f"{MODEL_LABELS.get(lat['fastest'], lat['fastest'])}.", ""]
     lines += ["## Layers", "",
@@ -171,8 +279,8 @@ def markdown(r: dict) -> str:
         w = f"{row['w_bits']}" + (f" (stored {row['w_store_bits']})"
                                   if row["w_store_bits"] != row["w_bits"] else "")
         lines.append(f"| {row['name']} | {w} | {row['a_bits']} | "
-                     f"{row['kept']}/{row['total']} | {_count(row['macs'])} | "
-                     f"{_count(row['bops'])} | {_count(row['weight_bytes'])} | {clip} |")
+                     f"{row['kept']}/{row['total']} | {count(row['macs'])} | "
+                     f"{count(row['bops'])} | {count(row['weight_bytes'])} | {clip} |")
     if r.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
     return "\n".join(lines) + "\n"
@@ -205,13 +313,3 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
-
-def _count(n: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{n:,.0f}"
-
-
-def _pct(v: float | None, digits: int = 2) -> str:
-    return "n/a" if v is None else f"{100 * v:.{digits}f}%"

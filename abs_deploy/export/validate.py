@@ -15,9 +15,10 @@ Float sums taken in another order move a value across a rounding boundary now an
 code. A coarse quantizer feeding a fine one magnifies that step (one 2-bit step is many 8-bit
 steps) and an untrained network can carry it to the logits, so the codes and the logits of
 the float mode are compared layer by layer: in a copy of the model cut at every quantizer,
-each layer's DequantizeLinear reads the reference's codes and each quantizer's output is a
-graph output. Accuracy and top-1 agreement come from the file as it is, run end to end (its
-end-to-end logit error is reported too). A miss names the first layer, in execution order,
+each layer reads the reference's codes (through a copy of its own quantizer, so the runtime
+fuses it as in the file) and each quantizer's output is a graph output. Accuracy and top-1
+agreement come from the file as it is, run end to end (its end-to-end logit error is reported
+too). A miss names the first layer, in execution order,
 whose codes diverge. The cut copy fuses like the file except where a graph output pins a type:
 ORT on x64 turns int8 activations into uint8 + 128, which it cannot do to a graph output.
 """
@@ -209,29 +210,47 @@ def _run_with_outputs(model: nn.Module, layers: dict[str, LayerQuant], x: Tensor
 
 @torch.no_grad()
 def check_qcdq(model: onnx.ModelProto, reference: nn.Module, layers: dict[str, LayerQuant],
-               batches: Batches, progress: Progress = no_progress
-               ) -> tuple[float, ModeParity, ModeParity]:
-    """(reference accuracy, ORT without optimizations, ORT with all optimizations)."""
+               batches: Batches, progress: Progress = no_progress,
+               runtimes: tuple[str, ...] = ()
+               ) -> tuple[float, ModeParity, ModeParity, dict[str, ModeParity]]:
+    """(reference accuracy, ORT without optimizations, ORT with all optimizations, and each
+    other runtime named in `runtimes`, judged by the criteria of ORT's optimized mode)."""
     codes = _code_tensors(model, layers)
     cut = layerwise(model, codes, layers)
+    scales = code_scales(model, layers, codes)
     plain = {"off": session(model, optimize=False), "all": session(model, optimize=True)}
     local = {"off": session(cut, optimize=False), "all": session(cut, optimize=True)}
+    for rt in runtimes:
+        plain[rt], local[rt] = _other_runtime(rt, model), _other_runtime(rt, cut)
     modes = {m: _ModeStats(m, list(codes)) for m in plain}
     ref_correct = total = 0
-    for x, y in progress(batches, len(batches), "validate in ORT"):
+    for x, y in progress(batches, len(batches),
+                         "validate in " + " + ".join(["ORT", *(_LABEL[r] for r in runtimes)])):
         ref_logits, ref_codes = _reference(reference, codes, x)
         ref_correct += (ref_logits.argmax(1) == y).sum().item()
         total += len(y)
         feed = {"input": x.numpy()}
-        local_feed = {**feed, **{_fed(n): c.astype(_dtype(layers[n])) for n, c in
-                                 ref_codes.items()}}
+        local_feed = {**feed, **_fed_values(scales, ref_codes)}
         for mode in plain:
             logits = plain[mode].run(None, feed)[0]
             forced, *got = local[mode].run(None, local_feed)
             modes[mode].add(logits, forced, ref_logits.numpy(), y.numpy(),
                             dict(zip(codes, got, strict=True)), ref_codes)
+    others = {rt: modes[rt].result(total) for rt in runtimes}
     return (ref_correct / max(total, 1), modes["off"].result(total),
-            modes["all"].result(total))
+            modes["all"].result(total), others)
+
+
+_LABEL = {"off": "ORT without optimizations", "all": "ORT with all optimizations",
+          "openvino": "OpenVINO CPU"}
+
+
+def _other_runtime(name: str, model: onnx.ModelProto) -> object:
+    if name == "openvino":
+        from abs_deploy.export.openvino_runtime import OVSession
+
+        return OVSession(model)
+    raise UserError(f"unknown runtime {name!r}; known: openvino")
 
 
 def _code_tensors(model: onnx.ModelProto, layers: dict[str, LayerQuant]) -> dict[str, str]:
@@ -254,19 +273,79 @@ def _code_tensors(model: onnx.ModelProto, layers: dict[str, LayerQuant]) -> dict
 def layerwise(model: onnx.ModelProto, codes: dict[str, str], layers: dict[str, LayerQuant]
               ) -> onnx.ModelProto:
     """A copy of `model` cut at every quantizer: the codes each layer computes become outputs,
-    and the DequantizeLinear in front of each layer reads its codes from a new input instead.
+    and each layer reads instead a new float input through a copy of its own quantizer (fed
+    the reference's codes times the scale, which that quantizer maps back to the same codes).
     Fed the reference's codes, each layer's codes then depend only on its own kernels, not on
-    a one-code difference upstream that a fine quantizer after a coarse one would magnify."""
+    a one-code difference upstream that a fine quantizer after a coarse one would magnify.
+    Feeding through a quantizer, not integers straight into the DequantizeLinear, keeps every
+    layer's input the Q -> DQ pair the runtime fuses in the file itself (measured: OpenVINO
+    fed int8 codes as a graph input runs the stem conv with other kernels, up to 0.16 off)."""
     cut = onnx.ModelProto()
     cut.CopyFrom(model)
+    node = {n.name: n for n in cut.graph.node}
     readers = {i: n for n in cut.graph.node if n.op_type == "DequantizeLinear"
                for i in n.input[:1]}
+    shapes = _shapes(model)
+    fed_nodes = []
     for name, tensor in codes.items():
-        elem = _elem(layers[name])
-        readers[tensor].input[0] = _fed(name)
-        cut.graph.input.append(onnx.helper.make_tensor_value_info(_fed(name), elem, None))
-        cut.graph.output.append(onnx.helper.make_tensor_value_info(tensor, elem, None))
+        lq = layers[name]
+        shape = shapes.get(tensor)
+        fed = _fed(name)
+        cut.graph.input.append(onnx.helper.make_tensor_value_info(
+            fed, onnx.TensorProto.FLOAT, shape))
+        cut.graph.output.append(onnx.helper.make_tensor_value_info(tensor, _elem(lq), shape))
+        last = fed
+        for role in ("act_q", "act_clip"):
+            original = node.get(qdq.node_name(lq, role))
+            if original is None:
+                continue
+            copy = onnx.NodeProto()
+            copy.CopyFrom(original)
+            copy.name, copy.input[0] = f"{original.name}.fed", last
+            del copy.output[:]
+            copy.output.append(f"{fed}.{role}")
+            fed_nodes.append(copy)
+            last = copy.output[0]
+        readers[tensor].input[0] = last
+    # They read only graph inputs and initializers: first in the list keeps it sorted.
+    nodes = fed_nodes + list(cut.graph.node)
+    del cut.graph.node[:]
+    cut.graph.node.extend(nodes)
     return cut
+
+
+def code_scales(model: onnx.ModelProto, layers: dict[str, LayerQuant], names: Iterable[str]
+                ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Layer -> (scale, zero point) of its activation quantizer, read from the file."""
+    inits = {t.name: t for t in model.graph.initializer}
+    q = {n.name: n for n in model.graph.node if n.op_type == "QuantizeLinear"}
+    out = {}
+    for name in names:
+        node = q[qdq.node_name(layers[name], "act_q")]
+        scale = onnx.numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        zero = (onnx.numpy_helper.to_array(inits[node.input[2]]).astype(np.int32)
+                if len(node.input) > 2 else np.int32(0))
+        out[name] = (scale, zero)
+    return out
+
+
+def _fed_values(scales: dict[str, tuple[np.ndarray, np.ndarray]],
+                codes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The float inputs of `layerwise`'s copy that reproduce `codes`: (c - zp) * s."""
+    return {_fed(n): ((c.astype(np.int32) - scales[n][1]) * scales[n][0]).astype(np.float32)
+            for n, c in codes.items()}
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, list[str | int] | None]:
+    """Tensor -> its shape with the batch dimension left symbolic (OpenVINO needs the rank of
+    every graph input; ORT does not mind)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    out: dict[str, list[str | int] | None] = {}
+    for vi in inferred.graph.value_info:
+        dims = vi.type.tensor_type.shape.dim
+        if dims and all(d.HasField("dim_value") for d in dims[1:]):
+            out[vi.name] = ["N", *(d.dim_value for d in dims[1:])]
+    return out
 
 
 def _fed(layer: str) -> str:
@@ -275,10 +354,6 @@ def _fed(layer: str) -> str:
 
 def _elem(lq: LayerQuant) -> int:
     return onnx.TensorProto.INT8 if lq.a_signed else onnx.TensorProto.UINT8
-
-
-def _dtype(lq: LayerQuant) -> type:
-    return np.int8 if lq.a_signed else np.uint8
 
 
 def _reference(reference: nn.Module, codes: dict[str, str], x: Tensor
@@ -338,7 +413,7 @@ class _ModeStats:
         if self.mode == "off":
             if r.logits_rel <= OFF_LOGITS_RTOL:
                 return None
-            return (f"ORT without optimizations: logits differ from the reference by "
+            return (f"{_LABEL['off']}: logits differ from the reference by "
                     f"{r.logits_rel:.2e} relative (limit {OFF_LOGITS_RTOL:g}); "
                     f"{_where(first_diff)}")
         bad = next((c for c in r.layers if c.max_diff > FULL_CODES_MAX_DIFF
@@ -355,7 +430,7 @@ class _ModeStats:
                             f"{FULL_CODES_MAX_DIFF})")
         if not problems:
             return None
-        return (f"ORT with all optimizations: {', '.join(problems)}; "
+        return (f"{_LABEL.get(self.mode, self.mode)}: {', '.join(problems)}; "
                 f"{_where(bad or first_diff)}")
 
 
@@ -397,7 +472,8 @@ def read_metadata(model: onnx.ModelProto) -> dict[str, object]:
     return out
 
 
-def check_file(path: str, batches: Batches, progress: Progress = no_progress) -> FileCheck:
+def check_file(path: str, batches: Batches, progress: Progress = no_progress,
+               runtime: str = "onnxruntime") -> FileCheck:
     try:
         model = onnx.load(path)
     except Exception as e:  # protobuf's DecodeError and friends
@@ -406,11 +482,12 @@ def check_file(path: str, batches: Batches, progress: Progress = no_progress) ->
     if batches and list(batches[0][0].shape[1:]) != shape:
         raise UserError(f"{path} takes inputs of shape [N, {', '.join(map(str, shape))}], the "
                         f"dataset gives {list(batches[0][0].shape)}")
-    full, off = session(model, True), session(model, False)
+    full = session(model, True) if runtime == "onnxruntime" else _other_runtime(runtime, model)
+    off = session(model, False)
     correct = [0, 0]
     agree = total = 0
     diff = scale = 0.0
-    for x, y in progress(batches, len(batches), "validate in ORT"):
+    for x, y in progress(batches, len(batches), f"validate in {runtime}"):
         feed = {model.graph.input[0].name: x.numpy()}
         a, o = full.run(None, feed)[0], off.run(None, feed)[0]
         correct[0] += int((a.argmax(1) == y.numpy()).sum())
@@ -424,7 +501,8 @@ def check_file(path: str, batches: Batches, progress: Progress = no_progress) ->
     check = FileCheck(path, total, correct[0] / total, correct[1] / total, agree / total,
                       diff / max(scale, 1e-30), meta.get("abs_deploy.decision"), None)
     if check.top1_agreement < FULL_TOP1_AGREEMENT:
-        check.failure = (f"optimized and unoptimized ORT agree on top-1 for only "
+        name = "optimized ORT" if runtime == "onnxruntime" else _LABEL[runtime]
+        check.failure = (f"{name} and unoptimized ORT agree on top-1 for only "
                          f"{100 * check.top1_agreement:.2f}% of the images "
                          f"(needs {100 * FULL_TOP1_AGREEMENT:g}%)")
     return check

@@ -1,0 +1,82 @@
+"""OpenVINO's CPU plugin as a second runtime for the exported files (an optional extra:
+`pip install 'abs-deploy[openvino]'`).
+
+OpenVINO reads the QCDQ ONNX as it is: its ONNX front end turns each QuantizeLinear ->
+Clip -> DequantizeLinear into a FakeQuantize, and its low-precision transformations run the
+layers between them with integer kernels. `OVSession` gives a compiled model the two methods
+of an ONNX Runtime session that validation and latency use (`get_inputs`, `run`), so both
+runtimes go through the same checks and the same timing loop.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from abs_deploy.errors import UserError
+from abs_deploy.export.errors import ExportFailed
+
+RUNTIMES = ("onnxruntime", "openvino")
+
+
+def available() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def require() -> None:
+    if not available():
+        raise UserError("OpenVINO is not installed; install the extra: "
+                        "pip install 'abs-deploy[openvino]'")
+
+
+@dataclass
+class _Input:
+    name: str
+
+
+class OVSession:
+    """One ONNX model compiled for OpenVINO's CPU plugin (f32 precision hint: the integer
+    layers come from the file's Q/DQ, not from a lowered float precision)."""
+
+    def __init__(self, model: onnx.ModelProto | bytes, threads: int | None = None) -> None:
+        require()
+        import openvino as ov
+
+        data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+        config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY",
+                                     "INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        try:
+            core = ov.Core()
+            read = core.read_model(data)
+            self._compiled = core.compile_model(read, "CPU", config)
+        except Exception as e:  # OpenVINO raises RuntimeError subclasses from C++
+            raise ExportFailed("OpenVINO cannot load the model: "
+                               f"{str(e).strip().splitlines()[0][:240]}") from e
+        self._request = self._compiled.create_infer_request()
+        self._inputs = [_Input(p.get_any_name()) for p in self._compiled.inputs]
+        # Outputs in the ONNX graph's order, found by name: run() returns them like ORT does.
+        by_name = {}
+        for port in self._compiled.outputs:
+            for n in port.get_names():
+                by_name[n] = port
+        self._outputs = [by_name[o.name] for o in onnx.load_from_string(data).graph.output]
+
+    def get_inputs(self) -> list[_Input]:
+        return self._inputs
+
+    def run(self, output_names: object, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        result = self._request.infer(feed)
+        return [np.array(result[port], copy=True) for port in self._outputs]
+
+
+def device_name() -> str:
+    require()
+    import openvino as ov
+
+    cpu = ov.Core().get_property("CPU", "FULL_DEVICE_NAME")
+    return f"OpenVINO {ov.__version__.split('-')[0]} CPU plugin ({cpu})"

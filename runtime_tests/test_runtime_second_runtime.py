@@ -1,0 +1,108 @@
+"""A second runtime (OpenVINO's CPU plugin) and the ONNX Runtime Mobile file (`.ort`): both
+validated against the same PyTorch reference as ORT, with the same criteria. The OpenVINO
+tests skip when the optional extra is not installed."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from rt_checkpoints import random_checkpoint
+
+from abs_deploy.checkpoint import save_checkpoint
+from abs_deploy.cli.export import export_main, validate
+from abs_deploy.errors import UserError
+from abs_deploy.export import ExportOptions, export_model, openvino_runtime
+from abs_deploy.export.collapse import collapse
+from abs_deploy.export.pipeline import _batches, _prune
+from abs_deploy.export.validate import check_qcdq, session
+
+needs_openvino = pytest.mark.skipif(not openvino_runtime.available(),
+                                    reason="OpenVINO not installed (pip install .[openvino])")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(datasets, tmp_path_factory):
+    ckpt = random_checkpoint("resnet20", datasets("digits32"), seed=11, edge_bits=8)
+    path = save_checkpoint(ckpt, tmp_path_factory.mktemp("rt2") / "model.pt")
+    return ckpt, path
+
+
+@pytest.fixture(scope="module")
+def ort_export(checkpoint):
+    _, path = checkpoint
+    return export_model(path, ExportOptions(max_images=96, latency=False, ort_format=True))
+
+
+def test_ort_file_is_written_validated_and_loads_on_its_own(ort_export):
+    assert ort_export.files["ort"].name == "model.ort"
+    par = ort_export.report["parity"]["ort_format"]
+    assert par["passed"] and par["images"] == 96
+    assert par["top1_agreement"] >= 0.995 and par["onnx_top1_agreement"] >= 0.995
+    data = ort_export.files["ort"].read_bytes()
+    assert data[4:8] == b"ORTM"  # the flatbuffer identifier of ORT format models
+    # Fixed-style conversion: the int8 fusions are already in the file, and no x86-only
+    # NCHWc layout op, so ORT Mobile on ARM can run it.
+    assert b"QLinearConv" in data and b"NchwcConv" not in data and b"ReorderInput" not in data
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    got = session(data).run(None, {"input": x})[0]
+    want = session(onnx.load(ort_export.files["onnx"])).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@needs_openvino
+def test_openvino_check_passes_and_times_all_three_models(checkpoint, tmp_path):
+    _, path = checkpoint
+    result = export_model(path, ExportOptions(output=tmp_path / "m.onnx", max_images=96,
+                                              check_runtimes=("openvino",), latency_runs=50,
+                                              latency_batches=(1,), threads=1))
+    ov = result.report["parity"]["openvino"]
+    assert ov["passed"] and ov["top1_agreement"] >= 0.995
+    assert ov["codes_equal"] >= 0.999 and ov["codes_max_diff"] <= 1
+    assert len(ov["layers"]) == sum(1 for lq in result.report["layers"] if lq["a_bits"] < 32)
+    timed = {r["model"] for r in result.report["latency"]["rows"]}
+    assert timed == {"fp_original", "fp_pruned", "qcdq", "fp_original_openvino",
+                     "fp_pruned_openvino", "qcdq_openvino"}
+    assert json.loads((tmp_path / "report.json").read_text())["parity"]["openvino"]["passed"]
+
+
+@needs_openvino
+def test_openvino_check_catches_a_changed_weight(checkpoint, datasets):
+    """The same harness fails a file whose integers are not the reference's: every weight code
+    of layer1.0.conv1 changes sign."""
+    ckpt, path = checkpoint
+    col = collapse(ckpt)
+    pruned = _prune(col)
+    result = export_model(path, ExportOptions(max_images=64, latency=False))
+    model = onnx.load(result.files["onnx"])
+    init = next(t for t in model.graph.initializer if t.name.endswith(".weight_q")
+                and t.name.startswith("layer1.0.conv1"))
+    w = -onnx.numpy_helper.to_array(init).astype(np.int16)
+    init.CopyFrom(onnx.numpy_helper.from_array(w.clip(-128, 127).astype(np.int8), init.name))
+    batches = _batches(datasets("digits32"), 64, 64)
+    _, _, _, others = check_qcdq(model, pruned.reference, col.layers, batches,
+                                 runtimes=("openvino",))
+    assert not others["openvino"].passed
+    assert "OpenVINO" in others["openvino"].failure
+    assert "layer1.0.conv2" in others["openvino"].failure  # reads layer1.0.conv1's output
+
+
+@needs_openvino
+def test_validate_command_runs_openvino(ort_export):
+    result = CliRunner().invoke(validate, [str(ort_export.files["onnx"]), "--max-images", "64",
+                                           "--runtime", "openvino"])
+    assert result.exit_code == 0, result.output
+    assert "OpenVINO" in result.stdout and "agree on 100.00%" in result.stdout
+
+
+def test_missing_openvino_is_one_clear_line(checkpoint, monkeypatch, tmp_path):
+    monkeypatch.setattr(openvino_runtime, "available", lambda: False)
+    with pytest.raises(UserError, match="pip install 'abs-deploy\\[openvino\\]'"):
+        export_model(checkpoint[1], ExportOptions(output=tmp_path / "m.onnx",
+                                                  check_runtimes=("openvino",)))
+    assert list(tmp_path.iterdir()) == []
+    result = CliRunner().invoke(export_main, [str(checkpoint[1]), "-o", str(tmp_path / "m.onnx"),
+                                              "--check-runtime", "openvino"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.strip().startswith("Error: OpenVINO is not installed")
