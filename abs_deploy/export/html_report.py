@@ -43,7 +43,7 @@ def render(report: dict) -> str:
         _section("kept", "Kept filters per layer", _kept_plot(r["layers"])),
         _section("bops", "BOPs per layer: FP vs compressed", _bops_plot(r["layers"])),
         _section("trajectory", "Search trajectory", _trajectory(r.get("history"), r)),
-        _section("latency", "Latency in ONNX Runtime", _latency(r.get("latency"))),
+        _section("latency", "Latency", _latency(r.get("latency"))),
         _section("layers", "Layers", _layer_table(r["layers"], r["parity"])),
     ]
     if r.get("notes"):
@@ -467,7 +467,10 @@ def _latency(lat: dict | None) -> str:
     runs = sorted({row.get("runs") for row in rows if row.get("runs")})
     warmup = f"{esc(lat['warmup'])} untimed warm-up runs" if lat.get("warmup") else \
         "untimed warm-up runs"
-    method = (f"ONNX Runtime, CPU execution provider, all graph optimizations, on "
+    runtimes = ("ONNX Runtime (CPU execution provider, all graph optimizations)"
+                + (" and OpenVINO (CPU plugin; rows marked OpenVINO)"
+                   if any(str(row["model"]).endswith("_openvino") for row in rows) else ""))
+    method = (f"{runtimes}, on "
               f"<b>{esc(lat.get('cpu', 'unknown CPU'))}</b>. Each figure is the median and the "
               f"90th percentile of {esc('/'.join(str(r) for r in runs) or '?')} timed runs after "
               f"{warmup}; within a setting the models take turns run by run, so other load on "
