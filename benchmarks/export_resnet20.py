@@ -1,0 +1,106 @@
+"""Issue #4's ResNet-20 point: `abs-export` wall time and the latency of every artifact.
+
+ResNet-20 on digits32 with half of every inner channel group pruned, 4-bit weights and
+activations, first and last layer at 8/8 (`runtime_tests/rt_checkpoints.random_checkpoint`:
+random weights, so accuracies mean nothing here; time and latency do not depend on them).
+`abs-export` runs as a user runs it, in a fresh process with latency on, `--repeats` times;
+the wall time includes Python start-up and imports. The latency table is the one of the last
+run's report (ONNX Runtime, optionally OpenVINO too).
+
+    python benchmarks/export_resnet20.py [--repeats 3] [--openvino]
+
+writes benchmarks/results/export_resnet20.{json,md}. Run it on an otherwise idle machine: the
+ratios between artifacts survive some load (the models take turns run by run), wall times do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+LABELS = {"fp_original": "FP original", "fp_pruned": "pruned FP", "qcdq": "QCDQ",
+          "fp_original_openvino": "FP original (OpenVINO)",
+          "fp_pruned_openvino": "pruned FP (OpenVINO)", "qcdq_openvino": "QCDQ (OpenVINO)"}
+
+
+def build_checkpoint(path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "runtime_tests"))
+    from rt_checkpoints import dataset_for, random_checkpoint
+
+    from abs_deploy.checkpoint import save_checkpoint
+
+    ckpt = random_checkpoint("resnet20", dataset_for("digits32"), fixed=(4, 4),
+                             prune_fraction=0.5, edge_bits=8, single_channel=False)
+    save_checkpoint(ckpt, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--openvino", action="store_true",
+                    help="also --check-runtime openvino (its latency rows too)")
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    exe = Path(sys.executable).with_name("abs-export")
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "resnet20_half_w4a4.pt"
+        build_checkpoint(ckpt)
+        walls, report = [], {}
+        for i in range(args.repeats):
+            out = Path(tmp) / f"run{i}"
+            out.mkdir()
+            cmd = [str(exe), str(ckpt), "--onnx", "-o", str(out / "model.onnx")]
+            if args.openvino:
+                cmd += ["--check-runtime", "openvino"]
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            walls.append(time.perf_counter() - t0)
+            report = json.loads((out / "report.json").read_text())
+            print(f"run {i + 1}: {walls[-1]:.1f} s wall", flush=True)
+    result = {"wall_s": walls, "wall_median_s": statistics.median(walls),
+              "steps_s": report["seconds"], "latency": report["latency"],
+              "totals": report["totals"], "load_average": os.getloadavg(),
+              "command": "abs-export ck.pt --onnx" + (" --check-runtime openvino"
+                                                      if args.openvino else "")}
+    args.results.mkdir(parents=True, exist_ok=True)
+    (args.results / "export_resnet20.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.results / "export_resnet20.md").write_text(markdown(result))
+    print(markdown(result))
+
+
+def markdown(r: dict) -> str:
+    lat = r["latency"]
+    lines = ["# abs-export on ResNet-20 (digits32), half the inner channels pruned, 4/4 bits", "",
+             f"`{r['command']}` in a fresh process: wall time {r['wall_median_s']:.1f} s "
+             f"(median of {len(r['wall_s'])} runs: "
+             + ", ".join(f"{w:.1f}" for w in r["wall_s"]) + " s), Python start-up included. "
+             f"Load average at the end: {', '.join(f'{v:.2f}' for v in r['load_average'])}.", "",
+             "Steps of the last run (s): " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                                      r["steps_s"].items()), "",
+             f"Latency: {lat['cpu']}; median / p90 ms over {lat['rows'][0]['runs']} runs after "
+             f"{lat.get('warmup') or 'some'} warm-up runs, the models taking turns run by run.",
+             "", "| model | batch | threads | median ms | p90 ms | speed vs FP original |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for row in lat["rows"]:
+        setting = f"bs{row['batch']}_t{row['threads']}"
+        speed = lat["speedup_vs_fp_original"].get(setting, {}).get(row["model"])
+        lines.append(f"| {LABELS.get(row['model'], row['model'])} | {row['batch']} | "
+                     f"{row['threads']} | {row['median_ms']:.3f} | {row['p90_ms']:.3f} | "
+                     + (f"{speed:.2f}x |" if speed else "n/a |"))
+    t = r["totals"]["ratios"]
+    lines += ["", f"BOPs {t['bops']:.1f}x fewer, MACs {t['macs']:.2f}x, parameters "
+              f"{t['params']:.2f}x, file {t['file_bytes']:.1f}x smaller than the FP original.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
