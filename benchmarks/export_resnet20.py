@@ -9,8 +9,9 @@ run's report (ONNX Runtime, optionally OpenVINO too).
 
     python benchmarks/export_resnet20.py [--repeats 3] [--openvino]
 
-writes benchmarks/results/export_resnet20.{json,md}. Run it on an otherwise idle machine: the
-ratios between artifacts survive some load (the models take turns run by run), wall times do not.
+writes benchmarks/results/export_resnet20{,_openvino}.{json,md}. Run it on an otherwise idle
+machine: the ratios between artifacts survive some load (the models take turns run by run), wall
+times do not.
 """
 
 from __future__ import annotations
@@ -72,8 +73,9 @@ def main() -> None:
               "command": "abs-export ck.pt --onnx" + (" --check-runtime openvino"
                                                       if args.openvino else "")}
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "export_resnet20.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.results / "export_resnet20.md").write_text(markdown(result))
+    stem = "export_resnet20_openvino" if args.openvino else "export_resnet20"
+    (args.results / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.results / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
 
 
