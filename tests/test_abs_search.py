@@ -9,7 +9,7 @@ from abs_deploy.checkpoint import make_checkpoint
 from abs_deploy.errors import UserError
 from abs_deploy.models import create_model
 from abs_deploy.models.registry import arch_record, build_model
-from abs_deploy.search.abs_search import abs_search, project, to_superbit
+from abs_deploy.search.abs_search import abs_search, project, start_thresholds, to_superbit
 from abs_deploy.search.qmodel import model_from_checkpoint
 from abs_deploy.search.superbit import SUPERBIT_TYPES
 from abs_deploy.train import TrainConfig
@@ -75,6 +75,24 @@ def test_bops_gradient_reaches_every_threshold():
     torch.log(net.bops()).backward()
     for p in net.thresholds("w") + net.thresholds("a"):
         assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_gates_start_open_at_one_distance_from_closing(fp_digits, digits):
+    model = model_from_checkpoint(fp_digits)
+    net = to_superbit(model, torch.zeros(1, 1, 8, 8))
+    bn = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    start_thresholds(net, [next(digits.batches("train", 128))[0]], margin=0.1)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in bn.items())
+    gaps = []
+    for m in net.layers.values():
+        if m.searchable:
+            assert (m.w_bits, m.a_bits) == (8, 8)
+            gaps += (m.w_residuals() - m.w_thr).tolist() + (m.a_m - m.a_thr).tolist()
+    for g in net.groups:
+        assert net.group_mask(g).sum() == g.channels
+        gaps.append(float(net.norms(g).min()) - net.layers[g.owner].f_thr.item())
+    # Post-ReLU residuals and filter norms differ by 5x; every gap is the margin all the same.
+    assert gaps == pytest.approx([0.1] * len(gaps), abs=1e-6)
 
 
 def test_pruned_groups_have_identical_kept_across_producers():

@@ -5,7 +5,13 @@ from torch import nn
 from abs_deploy import bops, quant
 from abs_deploy.checkpoint import load_checkpoint, save_checkpoint
 from abs_deploy.search.bitplanes import MAX_MAG_BITS, MIN_MAG_BITS, to_bitplane
-from abs_deploy.search.bsq import TARGET_TOLERANCE, adapt_alpha, bit_group_lasso, bsq_search
+from abs_deploy.search.bsq import (
+    TARGET_TOLERANCE,
+    adapt_alpha,
+    bit_group_lasso,
+    bsq_search,
+    recalibrate_bn,
+)
 from abs_deploy.search.qlayers import QConv2d
 from abs_deploy.search.qmodel import model_from_checkpoint
 from abs_deploy.train import TrainConfig, evaluate
@@ -26,7 +32,7 @@ def test_bitplanes_reproduce_the_8bit_conversion_exactly():
     for m in (_conv(), nn.Linear(10, 3)):
         w = m.weight.detach().clone()
         layer = to_bitplane(m)
-        s = w.abs().max() / (2**MAX_MAG_BITS - 1)
+        s = (w.abs().flatten(1).amax(1) / (2**MAX_MAG_BITS - 1)).view(-1, *[1] * (w.dim() - 1))
         expected = quant.quantize_int(w, s, 8, True) * s
         assert layer.n_bits == 7 and layer.w_bits == 8
         assert torch.equal(layer.quant_weight().detach(), expected)
@@ -51,6 +57,19 @@ def test_export_quantizer_at_n_plus_1_bits_gives_the_bitplane_weight(n_bits):
     fixed.load_state_dict({k: v for k, v in layer.state_dict().items()
                            if k in fixed.state_dict()})
     torch.testing.assert_close(fixed.quant_weight(), layer.weight, rtol=1e-6, atol=0)
+
+
+def test_every_channel_keeps_its_largest_weight_at_one_magnitude_bit():
+    # Channels of very different size: a per-layer scale would round the small one to zeros,
+    # and a BN folded after it would then amplify noise (see `from_float`).
+    m = _conv()
+    with torch.no_grad():
+        m.weight[0].mul_(1e-3)
+    layer = to_bitplane(m)
+    for _ in range(MAX_MAG_BITS - MIN_MAG_BITS):
+        layer.drop_lsb()
+    assert layer.n_bits == MIN_MAG_BITS
+    assert (layer.weight.flatten(1).abs().amax(1) > 0).all()
 
 
 def test_dropping_all_zero_planes_changes_no_weight():
@@ -85,7 +104,7 @@ def test_precision_never_exceeds_7_magnitude_bits():
         layer.pos[6, 0, 0, 0, 0] = 2.0
     event = layer.requantize()
     assert event["after"] == MAX_MAG_BITS and event["saturated"] == 1
-    assert layer.weight.abs().max() == 127 * layer.scale
+    assert layer.weight.abs().max() == 127 * layer.scale.max()
 
 
 def test_a_layer_rounding_to_zero_keeps_one_bit_and_is_reported():
@@ -110,7 +129,7 @@ def test_adding_a_low_plane_is_exact_and_dropping_one_halves_the_grid():
     layer.drop_lsb()
     layer.drop_lsb()
     assert layer.n_bits == 2
-    assert (layer.weight - before).abs().max() <= layer.scale / 2 + 1e-7
+    assert (layer.weight - before).abs().max() <= layer.scale.max() / 2 + 1e-7
 
 
 def test_the_regulariser_gradient_reaches_every_plane():
@@ -139,6 +158,24 @@ def test_alpha_rises_above_the_band_and_falls_inside_or_below():
     assert adapt_alpha(1.0, 2.0, 1.0, 5) < 1.0            # descending too fast: ease off
     assert adapt_alpha(1.0, 1.0 + TARGET_TOLERANCE / 2, 0.1, 5) < 1.0
     assert adapt_alpha(1.0, 0.5, 0.1, 5) < adapt_alpha(1.0, 1.0, 0.1, 5)
+
+
+def test_bn_statistics_are_recomputed_for_the_current_weights(digits):
+    # Landing changes weights by whole planes at once; the running averages of the weights
+    # before it must not survive into the checkpoint (or into fine-tune's BN fold).
+    torch.manual_seed(0)
+    conv = nn.Conv2d(digits.input_shape[1], 4, 3)
+    model = nn.Sequential(conv, nn.BatchNorm2d(4))
+    bn = model[1]
+    bn.running_mean.fill_(5.0)
+    bn.running_var.fill_(7.0)
+    model.eval()
+    recalibrate_bn(model, digits, 256)
+    with torch.no_grad():
+        means = torch.stack([conv(x).mean((0, 2, 3)) for x, _ in digits.batches("train", 256)])
+    # momentum=None: the plain average over batches
+    torch.testing.assert_close(bn.running_mean, means.mean(0))
+    assert bn.momentum == 0.1 and not model.training
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +211,7 @@ def test_bsq_checkpoint_is_a_complete_decision_export_can_read(bsq_digits, digit
         signed = state[f"{name}.pos"] - state[f"{name}.neg"]
         ints = (signed * (2.0 ** torch.arange(n)).view(-1, *[1] * (signed.dim() - 1))).sum(0)
         assert torch.equal(state[f"{name}.weight"], ints * s)
-        assert torch.allclose(state[f"{name}.w_clip"], s * 2**n)
+        assert torch.allclose(state[f"{name}.w_clip"], s.flatten() * 2**n)
     loaded = load_checkpoint(save_checkpoint(ckpt, tmp_path / "bsq.pt"))
     model = model_from_checkpoint(loaded)
     assert evaluate(model, digits) == ckpt["metrics"]["top1"]

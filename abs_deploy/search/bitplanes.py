@@ -1,11 +1,12 @@
 """Bit-plane layers for BSQ (DESIGN §7): a quantized conv/linear whose weight is
 `W = s * round(sum_i (p_i - n_i) * 2^i)`, with positive and negative planes `p_i, n_i` as
 trainable variables, continuous in [0, 2] during training (the BSQ paper's relaxation), rounded
-straight-through, and one scale `s` per layer.
+straight-through, and a scale `s` per output channel (the paper has one per layer; see
+`from_float` for why not here). The number of planes is the layer's.
 
 A sign-magnitude weight with n magnitude bits is an integer in [-(2^n - 1), 2^n - 1]; that is a
 two's-complement integer of n + 1 bits at scale `s`, i.e. the weight quantizer of §3 with
-`b = n + 1` and per-channel clip `s * 2^n`. So the layer keeps `w_bits = n + 1`, `weight` (the
+`b = n + 1` and per-channel clip `s_c * 2^n`. So the layer keeps `w_bits = n + 1`, `weight` (the
 value the planes represent) and `w_clip` in sync with its planes, and export, fine-tune and the
 decision record see an ordinary fixed-bit layer. Magnitude bits are capped at 7 so the weight
 fits the int8 container (8 bits two's complement).
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from abs_deploy.quant import round_ste
+from abs_deploy.quant import round_ste, weight_clip_shape
 from abs_deploy.search.qlayers import QConv2d, QLinear
 
 MAX_MAG_BITS = 7    # 7 magnitude bits + sign = int8, the widest container of DESIGN §3
@@ -33,19 +34,28 @@ class _BitPlaneMixin:
     w_bits: int
     pos: nn.Parameter   # [n, *weight.shape], plane i is bit 2^i of the positive part
     neg: nn.Parameter
-    scale: Tensor       # scalar buffer: one step of the integer grid
+    scale: Tensor       # per output channel, broadcastable to the weight: one grid step
 
     @classmethod
     def from_float(cls, m: nn.Module, n_bits: int = MAX_MAG_BITS, a_bits: int = 32,
                    a_signed: bool = True):
-        """Convert a float layer: per-layer scale `max|w| / (2^n - 1)`, so the largest weight
-        uses every plane and the planes reproduce the (n + 1)-bit quantized weight exactly."""
+        """Convert a float layer: scale `max|w_c| / (2^n - 1)` per output channel, so each
+        channel's largest weight uses every plane and the planes reproduce the (n + 1)-bit
+        quantized weight exactly.
+
+        Per channel, not per layer as in the BSQ paper: with one scale, a layer cut to 2-3
+        bits rounds its small-weight channels to all zeros; the BN after it then sees almost no
+        variance, and folding it for fine-tune multiplies those channels by gains of hundreds
+        (ResNet-20 on digits32: 45 of 64 channels of layer3.0.conv1 all zero, BN gains up to
+        327; per channel, even with every middle layer at 2 bits: no zero channel, at most 21).
+        It is also the grid export stores (DESIGN §3: weights per output channel)."""
         if not MIN_MAG_BITS <= n_bits <= MAX_MAG_BITS:
             raise ValueError(f"magnitude bits must be in [{MIN_MAG_BITS}, {MAX_MAG_BITS}], "
                              f"got {n_bits}")
         layer = super().from_float(m, n_bits + 1, a_bits, a_signed)
         w = layer.weight.detach()
-        s = w.abs().max().clamp_min(1e-12) / (2**n_bits - 1)
+        s = w.abs().flatten(1).amax(1).clamp_min(1e-12) / (2**n_bits - 1)
+        s = s.view(weight_clip_shape(w))
         # The float weight is now derived from the planes: not trained, kept for export.
         layer.weight.requires_grad_(False)
         layer.w_clip.requires_grad_(False)
@@ -90,7 +100,7 @@ class _BitPlaneMixin:
         bits = ((mag.unsqueeze(0) >> shifts) & 1).to(q.dtype)
         self.pos = nn.Parameter(bits * (q > 0))
         self.neg = nn.Parameter(bits * (q < 0))
-        self.scale.copy_(s)
+        self.scale.copy_(s)     # a scalar broadcasts to every channel
         self.sync()
 
     @torch.no_grad()
@@ -99,7 +109,7 @@ class _BitPlaneMixin:
         n = self.n_bits
         self.w_bits = n + 1
         self.weight.copy_(torch.round(self.integer_weight()) * self.scale)
-        self.w_clip.data = torch.full((self.weight.shape[0],), float(self.scale) * 2**n)
+        self.w_clip.data = (self.scale * 2**n).flatten().clone()
 
     @torch.no_grad()
     def requantize(self, min_bits: int = MIN_MAG_BITS, max_bits: int = MAX_MAG_BITS

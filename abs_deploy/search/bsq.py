@@ -83,7 +83,11 @@ def bsq_search(fp_ckpt: dict, data: Dataset, alpha: float, act_bits: int, cfg: T
 
     state = _Search(model, layers, costs, data, cfg, alpha, act_bits, edge_bits, target_bops)
     logs = state.run(requant_every, progress, on_epoch_end)
-    landing = state.land(target_bops) if target_bops is not None else {}
+    if target_bops is not None:
+        final = state.land(target_bops)
+        if final:
+            state.landing.append({"epoch": cfg.epochs, **final})
+            recalibrate_bn(model, data, cfg.batch_size)
 
     decision = make_decision(model, bn_of)
     decision = {n: decision[n] for n in order}
@@ -92,7 +96,7 @@ def bsq_search(fp_ckpt: dict, data: Dataset, alpha: float, act_bits: int, cfg: T
              "requant_every": requant_every, "target_bops": target_bops,
              "magnitude_bits": {n: m.n_bits for n, m in layers.items()},
              "zeroed_layers": sorted(state.zeroed), "saturated_weights": state.saturated,
-             "landing": landing, "weight_bits": WEIGHT_BITS_NOTE}
+             "landing": state.landing, "weight_bits": WEIGHT_BITS_NOTE}
     return searched_checkpoint(fp_ckpt, model, decision, data, costs, fp_top1, logs,
                                method="bsq", bsq=extra)
 
@@ -112,7 +116,7 @@ def adapt_alpha(alpha: float, ratio: float, drop_rate: float, periods_left: int,
                 tol: float = TARGET_TOLERANCE) -> float:
     """Next alpha from `ratio` = BOPs / target now and `drop_rate` = the mean log-decrease of
     the BOPs per re-quantization period lately. Above the band, alpha is scaled so that rate
-    would reach the band in `periods_left` periods (at most x2 or /2 a step; x1.5 when nothing
+    would reach the band in `periods_left` periods (at most x1.5 or /2 a step, also when nothing
     moved: planes take a few periods to die, and precision only comes down through alpha).
     In the band: quartered, so the remaining epochs train accuracy instead of cutting more
     planes (planes already near zero still die); below it: a tenth, as precision goes back up
@@ -124,7 +128,31 @@ def adapt_alpha(alpha: float, ratio: float, drop_rate: float, periods_left: int,
     if drop_rate <= 0:
         return alpha * 1.5
     need = math.log(ratio) / max(periods_left, 1)
-    return alpha * min(2.0, max(0.5, need / drop_rate))
+    return alpha * min(1.5, max(0.5, need / drop_rate))
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, data: Dataset, batch_size: int) -> None:
+    """Recompute every BatchNorm's running statistics over the training set for the weights
+    the model has now. Re-quantization and landing change weights at once (landing by whole
+    planes), and the running averages of the old weights would make the eval-mode model, the
+    checkpoint's top-1 and the BN fold of fine-tune describe a network that no longer exists."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None   # a cumulative average: every batch counts the same
+    model.train()
+    try:
+        for x, _ in data.batches("train", batch_size, augment=False):
+            model(x)
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+        model.train(was_training)
 
 
 class _Search:
@@ -140,6 +168,7 @@ class _Search:
         self.total_weights = sum(m.weight.numel() for m in layers.values())
         self.zeroed: set[str] = set()
         self.saturated = 0
+        self.landing: list[dict] = []
 
     def run(self, requant_every: int, progress: Progress,
             on_epoch_end: Callable[[EpochLog], None] | None) -> list[EpochLog]:
@@ -173,6 +202,17 @@ class _Search:
                 self.requantize()
                 opt = self._optimizer()
                 extra["requant"] = 1
+            if self.target is not None and epoch + 1 == arrive_epoch and not last:
+                # Planes die in bursts, so alpha alone reaches the band late or overshoots it.
+                # Landing here leaves the remaining epochs to recover from the cut.
+                # To the target itself, not the band's top: overflow can still add bits.
+                landed = self.land(self.target, ceiling=self.target)
+                if landed:
+                    self.landing.append({"epoch": epoch + 1, **landed})
+                    opt = self._optimizer()
+                    extra["planes_landed"] = sum(abs(v) for v in landed.values())
+            if "requant" in extra or "planes_landed" in extra:
+                recalibrate_bn(self.model, data, cfg.batch_size)
             current = self.bops()
             extra.update({"bops": current, "mean_w_bits": self.mean_w_bits()})
             if self.target is not None and "requant" in extra and not last:
@@ -209,19 +249,23 @@ class _Search:
         n = sum(m.weight.numel() for m in self.layers.values())
         return sum(m.weight.numel() * m.w_bits for m in self.layers.values()) / max(n, 1)
 
-    def land(self, target: float) -> dict[str, int]:
+    def land(self, target: float, ceiling: float | None = None) -> dict[str, int]:
         """Bring the BOPs into the target band by whole low planes when alpha alone did not:
-        remove a plane from the layer that saves most BOPs per plane while above the band; add
-        one (exact: a zero plane) to the narrowest layer, cheapest first, while below it.
-        Returns the planes added (+) or removed (-) per layer."""
+        while above `ceiling` (default: the band's top) remove a plane from the widest layer;
+        while below the band add one (exact: a zero plane) to the narrowest layer, cheapest
+        first. Returns the planes added (+) or removed (-) per layer."""
         hi, lo = target * (1 + TARGET_TOLERANCE), target * (1 - TARGET_TOLERANCE)
+        ceiling = hi if ceiling is None else ceiling
         macs = {c.name: c.macs for c in self.costs}
         changes: dict[str, int] = {}
-        while self.bops() > hi:
+        while self.bops() > ceiling:
             cands = [n for n, m in self.layers.items() if m.n_bits > MIN_MAG_BITS]
             if not cands:
                 break
-            name = max(cands, key=lambda n: macs[n] * self.layers[n].a_bits)
+            # The widest layer first: one plane less costs it the least relative precision,
+            # and the differences the regulariser made between layers survive.
+            name = max(cands, key=lambda n: (self.layers[n].n_bits,
+                                              macs[n] * self.layers[n].a_bits))
             self.layers[name].drop_lsb()
             changes[name] = changes.get(name, 0) - 1
         while self.bops() < lo:

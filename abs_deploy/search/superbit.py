@@ -16,7 +16,9 @@ candidate, and the extra rounding passes run only on steps that update activatio
 
 Gates are `g = step(m - r)`: forward the hard step, backward the derivative of
 `sigmoid((m - r) / TAU)` (straight-through). `m` is the mean absolute residual the gate would add,
-in units of the coarser step; `r >= 0` a learnable threshold, 0 at start (all open: top bits).
+in units of the coarser step; `r >= 0` a learnable threshold, 0 when built (all open: top bits);
+the search then opens every gate at one common distance from closing
+(`abs_search.start_thresholds`).
 Weight gates read `m` from the current weights; activation gates from a running average, so a
 decision never depends on one batch. Filter gates (0 bits) are per channel group and live in
 `abs_search`, which owns the model-level view; `filter_gate` below is their rule.
