@@ -135,7 +135,7 @@ def _table(rows: list[dict], meta: dict) -> str:
              "of the best validation epoch, as `finetune` keeps it. Seconds: search + "
              "fine-tune, measured on a shared 2-core machine with one torch thread per run.",
              "", "The w-bit histogram counts all layers, first and last (8 bits) included. "
-             "Fine-tune lr: the row's. At lr 0.01 (that of benchmarks/pareto.py) the BN-folded "
+             "Fine-tune lr: the row's. At lr 0.01 the BN-folded "
              "fine-tune of these same searched checkpoints diverged to chance level on every "
              "target; those runs are kept in pareto_bsq.lr0p01.json.",
              "",
