@@ -81,3 +81,52 @@ def test_searching_an_already_searched_checkpoint_is_refused(tmp_path, fp_digits
 def test_bad_model_kwargs_are_one_line(tmp_path, kwargs):
     r = run("pretrain", "--model", "digits_cnn", "--model-kwargs", kwargs, "-o", tmp_path / "f")
     assert_one_line_error(r, "--model-kwargs")
+
+
+def test_killed_search_resumes_from_its_state_file(fp_digits_path, tmp_path):
+    """The user's path: `abs search` killed (SIGKILL, no clean-up) mid-run; rerunning without
+    --resume refuses in one line, with --resume runs only the epochs that were missing and
+    ends where an uninterrupted search ends."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    exe = [sys.executable, "-c", "from abs_deploy.cli import main; main()"]
+    args = ["search", str(fp_digits_path), "--method", "abs", "--target-bops", "64x",
+            "--epochs", "6", "--seed", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    whole = subprocess.run([*exe, *args, "-o", str(tmp_path / "whole.pt")], env=env,
+                           capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    out, state = tmp_path / "cut.pt", tmp_path / "cut.pt.partial"
+    proc = subprocess.Popen([*exe, *args, "-o", str(out)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    done = 0
+    while proc.poll() is None and done < 2:
+        time.sleep(0.05)
+        try:
+            done = torch.load(state, weights_only=True)["resume"]["epoch"]
+        except Exception:  # not written yet, or caught mid-rename
+            done = 0
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 2 <= done < 6 and not out.exists(), "the search ended before it could be killed"
+    refused = subprocess.run([*exe, *args, "-o", str(out)], env=env, capture_output=True,
+                             text=True)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    resumed = subprocess.run([*exe, *args, "--resume", "-o", str(out)], env=env,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _epochs(resumed.stdout) == _epochs(whole.stdout)[done:]
+    assert not state.exists()
+    a, b = torch.load(tmp_path / "whole.pt", weights_only=True), torch.load(out, weights_only=True)
+    assert a["decision"] == b["decision"]
+    for k, v in a["state_dict"].items():
+        assert torch.allclose(v.float(), b["state_dict"][k].float(), atol=1e-6), k
+
+
+def _epochs(stdout: str) -> list[int]:
+    return [int(line.split()[2]) for line in stdout.splitlines() if line.startswith("abs epoch")]
