@@ -9,6 +9,8 @@ like weights. Zero point is always 0, so zero is exactly representable.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -53,10 +55,28 @@ def quantize_int(x: Tensor, s: Tensor, bits: int, signed: bool) -> Tensor:
 
 
 def fake_quant(x: Tensor, clip: Tensor, bits: int, signed: bool) -> Tensor:
-    """Quantize-dequantize with STE rounding; the clip gets LSQ-style gradients through `s`."""
+    """Quantize-dequantize with STE rounding; the clip gets LSQ's gradients through `s`,
+    scaled down as LSQ scales them (1 / sqrt(elements per clip * top code)). Unscaled, the
+    clip's gradient sums over every element it quantizes: on the BN-folded ResNet-20 it grew
+    large enough at lr 0.01 to wreck fine-tune (10-20% top-1; 99.44% with the scale)."""
     lo, hi = int_range(bits, signed)
-    s = scale(clip, bits, signed)
+    per_clip = max(x.numel() // max(clip.numel(), 1), 1)
+    s = scale(_GradScale.apply(clip, 1.0 / math.sqrt(per_clip * max(hi, 1))), bits, signed)
     return torch.clamp(round_ste(x / s), lo, hi) * s
+
+
+class _GradScale(torch.autograd.Function):
+    """Identity forward (bit-exact, unlike the `(t - g*t).detach() + g*t` trick); the gradient
+    times `g` backward."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, g: float) -> Tensor:
+        ctx.g = g
+        return t.view_as(t)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.g, None
 
 
 def weight_clip_shape(w: Tensor) -> tuple[int, ...]:
