@@ -28,9 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-LABELS = {"fp_original": "FP original", "fp_pruned": "pruned FP", "qcdq": "QCDQ",
-          "fp_original_openvino": "FP original (OpenVINO)",
-          "fp_pruned_openvino": "pruned FP (OpenVINO)", "qcdq_openvino": "QCDQ (OpenVINO)"}
+
 
 
 def build_checkpoint(path: Path) -> None:
@@ -80,6 +78,8 @@ def main() -> None:
 
 
 def markdown(r: dict) -> str:
+    from abs_deploy.export.html_report import MODEL_LABELS
+
     lat = r["latency"]
     lines = ["# abs-export on ResNet-20 (digits32), half the inner channels pruned, 4/4 bits", "",
              f"`{r['command']}` in a fresh process: wall time {r['wall_median_s']:.1f} s "
@@ -95,7 +95,7 @@ def markdown(r: dict) -> str:
     for row in lat["rows"]:
         setting = f"bs{row['batch']}_t{row['threads']}"
         speed = lat["speedup_vs_fp_original"].get(setting, {}).get(row["model"])
-        lines.append(f"| {LABELS.get(row['model'], row['model'])} | {row['batch']} | "
+        lines.append(f"| {MODEL_LABELS.get(row['model'], row['model'])} | {row['batch']} | "
                      f"{row['threads']} | {row['median_ms']:.3f} | {row['p90_ms']:.3f} | "
                      + (f"{speed:.2f}x |" if speed else "n/a |"))
     t = r["totals"]["ratios"]

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx
 
-from abs_deploy.export.validate import session
+from abs_deploy.export.validate import runtime_session
 
 Progress = Callable[[Iterable, int, str], Iterable]
 MIN_RUNS = 50
@@ -76,7 +76,8 @@ def measure(models: dict[str, onnx.ModelProto], input_shape: list[int],
                 # Pool threads sleep instead of spinning between operators: on a machine that
                 # runs other work too, spinning threads time the contention, not the model
                 # (measured here: 3x slower at two threads on a busy 2-core machine).
-                sessions[name, t] = _session(model, t, runtimes.get(name, "onnxruntime"))
+                sessions[name, t] = runtime_session(model, runtimes.get(name, "onnxruntime"),
+                                                    threads=t)
         feeds = {name: {sessions[name, t].get_inputs()[0].name: x} for name in models}
         times = {name: np.empty(runs) for name in models}
         for i in range(-warmup, runs):
@@ -88,14 +89,6 @@ def measure(models: dict[str, onnx.ModelProto], input_shape: list[int],
         out += [Timing(name, b, t, float(np.median(v) * 1e3),
                        float(np.percentile(v, 90) * 1e3), runs) for name, v in times.items()]
     return out
-
-
-def _session(model: onnx.ModelProto, threads: int, runtime: str) -> object:
-    if runtime == "openvino":
-        from abs_deploy.export.openvino_runtime import OVSession
-
-        return OVSession(model, threads=threads)
-    return session(model, optimize=True, threads=threads)
 
 
 def speedups(timings: list[Timing], baseline: str = "fp_original"

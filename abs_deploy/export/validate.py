@@ -221,7 +221,7 @@ def check_qcdq(model: onnx.ModelProto, reference: nn.Module, layers: dict[str, L
     plain = {"off": session(model, optimize=False), "all": session(model, optimize=True)}
     local = {"off": session(cut, optimize=False), "all": session(cut, optimize=True)}
     for rt in runtimes:
-        plain[rt], local[rt] = _other_runtime(rt, model), _other_runtime(rt, cut)
+        plain[rt], local[rt] = runtime_session(model, rt), runtime_session(cut, rt)
     modes = {m: _ModeStats(m, list(codes)) for m in plain}
     ref_correct = total = 0
     for x, y in progress(batches, len(batches),
@@ -245,12 +245,17 @@ _LABEL = {"off": "ORT without optimizations", "all": "ORT with all optimizations
           "openvino": "OpenVINO CPU"}
 
 
-def _other_runtime(name: str, model: onnx.ModelProto) -> object:
-    if name == "openvino":
+def runtime_session(model: onnx.ModelProto, runtime: str = "onnxruntime",
+                    threads: int | None = None) -> object:
+    """An optimized session of `model` in `runtime`: ORT's, or OpenVINO's `OVSession`, which
+    answers the same `get_inputs()` and `run(None, feed)`."""
+    if runtime == "onnxruntime":
+        return session(model, optimize=True, threads=threads)
+    if runtime == "openvino":
         from abs_deploy.export.openvino_runtime import OVSession
 
-        return OVSession(model)
-    raise UserError(f"unknown runtime {name!r}; known: openvino")
+        return OVSession(model, threads=threads)
+    raise UserError(f"unknown runtime {runtime!r}; known: onnxruntime, openvino")
 
 
 def _code_tensors(model: onnx.ModelProto, layers: dict[str, LayerQuant]) -> dict[str, str]:
@@ -482,7 +487,7 @@ def check_file(path: str, batches: Batches, progress: Progress = no_progress,
     if batches and list(batches[0][0].shape[1:]) != shape:
         raise UserError(f"{path} takes inputs of shape [N, {', '.join(map(str, shape))}], the "
                         f"dataset gives {list(batches[0][0].shape)}")
-    full = session(model, True) if runtime == "onnxruntime" else _other_runtime(runtime, model)
+    full = runtime_session(model, runtime)
     off = session(model, False)
     correct = [0, 0]
     agree = total = 0
