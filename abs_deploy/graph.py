@@ -551,14 +551,7 @@ class _Walk:
         if t is None:
             self._opaque(node, f"unexpected arguments of {_op_name(node)} at node {node.name}")
             return
-        ndim = node.args[0].meta["val"].ndim
-        packet = node.target.overloadpacket
-        if packet is aten.permute:
-            order = [d % ndim for d in node.args[1]]
-        else:
-            a, b = (0, 1) if packet is aten.t else (node.args[1] % ndim, node.args[2] % ndim)
-            order = list(range(ndim))
-            order[a], order[b] = order[b], order[a]
+        order = permutation(node, node.args[0].meta["val"].ndim)
         self.state[node] = _Track(t.gid, order.index(t.dim), t.hw)
 
     def _reduce(self, node: Node) -> None:
@@ -659,6 +652,17 @@ class _Walk:
             return
         shift = packet is aten.select and dim < t.dim
         self.state[node] = _Track(t.gid, t.dim - shift, t.hw)
+
+
+def permutation(node: Node, ndim: int) -> list[int]:
+    """The dimension order an aten permute, transpose or t node produces."""
+    packet = node.target.overloadpacket
+    if packet is aten.permute:
+        return [d % ndim for d in node.args[1]]
+    a, b = (0, 1) if packet is aten.t else (node.args[1] % ndim, node.args[2] % ndim)
+    order = list(range(ndim))
+    order[a], order[b] = order[b], order[a]
+    return order
 
 
 def _reshaped(ins: list[int], outs: list[int], dim: int, hw: int) -> tuple[int, int] | None:

@@ -475,14 +475,7 @@ class _Translator:
 
     def _permute(self, node: Node) -> str:
         x = node.args[0]
-        rank = len(self._shape(x))
-        packet = node.target.overloadpacket
-        if packet is aten.permute:
-            perm = [d % rank for d in node.args[1]]
-        else:
-            a, b = (0, 1) if packet is aten.t else (node.args[1] % rank, node.args[2] % rank)
-            perm = list(range(rank))
-            perm[a], perm[b] = perm[b], perm[a]
+        perm = graph.permutation(node, len(self._shape(x)))
         if perm[0] != 0:
             raise UserError(f"transpose of the batch dim at node {node.name}")
         return self.b.node("Transpose", [self._t(x)], node.name, perm=perm)
