@@ -425,3 +425,18 @@ def test_input_kept_rejects_producers_that_disagree():
     groups = channel_groups(create_model("digits_cnn"), _x("digits_cnn"))
     with pytest.raises(UserError, match="keep different channels"):
         input_kept(groups, {"block2.expand": [0, 1], "block2.dw": [0, 2]})
+
+
+def test_permutation_reads_permute_transpose_and_t():
+    from abs_deploy.graph import capture, permutation
+
+    class Shuffle(nn.Module):
+        def forward(self, x):
+            y = x.permute(0, 2, -1, 1).transpose(1, -1)
+            return y.flatten(1)[:, :4].t()
+
+    ep = capture(Shuffle(), torch.zeros(1, 3, 4, 5))
+    orders = [permutation(n, n.args[0].meta["val"].ndim) for n in ep.graph.nodes
+              if n.op == "call_function" and n.target.overloadpacket in (
+                  torch.ops.aten.permute, torch.ops.aten.transpose, torch.ops.aten.t)]
+    assert orders == [[0, 2, 3, 1], [0, 3, 2, 1], [1, 0]]
