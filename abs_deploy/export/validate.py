@@ -187,22 +187,29 @@ def check_pruning(masked: nn.Module, pruned: nn.Module, fp32_onnx: onnx.ModelPro
     return result
 
 
-def _run_with_outputs(model: nn.Module, layers: dict[str, LayerQuant], x: Tensor
+def _run_with_outputs(model: nn.Module, layers: Iterable[str], x: Tensor
                       ) -> tuple[Tensor, dict[str, Tensor]]:
-    acts: dict[str, Tensor] = {}
+    return _run_observing(model, layers, x, lambda module, inputs, output: output)
+
+
+def _run_observing(model: nn.Module, names: Iterable[str], x: Tensor,
+                   pick: Callable[[nn.Module, tuple, Tensor], object]
+                   ) -> tuple[Tensor, dict[str, object]]:
+    """`model(x)` and, for each named submodule, `pick(module, inputs, output)` of its call."""
+    seen: dict[str, object] = {}
 
     def hook_for(name):
         def hook(module, inputs, output):
-            acts[name] = output
+            seen[name] = pick(module, inputs, output)
         return hook
 
-    handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in layers]
+    handles = [model.get_submodule(n).register_forward_hook(hook_for(n)) for n in names]
     try:
         out = model(x)
     finally:
         for h in handles:
             h.remove()
-    return out, acts
+    return out, seen
 
 
 # --- QCDQ against the reference --------------------------------------------------------------
@@ -363,21 +370,8 @@ def _elem(lq: LayerQuant) -> int:
 
 def _reference(reference: nn.Module, codes: dict[str, str], x: Tensor
                ) -> tuple[Tensor, dict[str, np.ndarray]]:
-    seen: dict[str, np.ndarray] = {}
-
-    def hook_for(name):
-        def hook(module, inputs):
-            seen[name] = module.input_codes(inputs[0]).to(torch.int32).numpy()
-        return hook
-
-    handles = [reference.get_submodule(n).register_forward_pre_hook(hook_for(n))
-               for n in codes]
-    try:
-        logits = reference(x)
-    finally:
-        for h in handles:
-            h.remove()
-    return logits, seen
+    return _run_observing(reference, codes, x, lambda module, inputs, output:
+                          module.input_codes(inputs[0]).to(torch.int32).numpy())
 
 
 class _ModeStats:
