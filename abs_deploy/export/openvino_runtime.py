@@ -41,11 +41,11 @@ class OVSession:
     """One ONNX model compiled for OpenVINO's CPU plugin (f32 precision hint: the integer
     layers come from the file's Q/DQ, not from a lowered float precision)."""
 
-    def __init__(self, model: onnx.ModelProto | bytes, threads: int | None = None) -> None:
+    def __init__(self, model: onnx.ModelProto, threads: int | None = None) -> None:
         require()
         import openvino as ov
 
-        data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+        data = model.SerializeToString()
         config: dict[str, object] = {"PERFORMANCE_HINT": "LATENCY",
                                      "INFERENCE_PRECISION_HINT": "f32"}
         if threads:
@@ -64,7 +64,7 @@ class OVSession:
         for port in self._compiled.outputs:
             for n in port.get_names():
                 by_name[n] = port
-        self._outputs = [by_name[o.name] for o in onnx.load_from_string(data).graph.output]
+        self._outputs = [by_name[o.name] for o in model.graph.output]
 
     def get_inputs(self) -> list[_Input]:
         return self._inputs
