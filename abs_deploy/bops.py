@@ -6,11 +6,14 @@ model once on a zero input with hooks on every Conv2d/Linear, so any capturable 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+
+from abs_deploy.errors import UserError
 
 FP_BITS = 32
 
@@ -73,6 +76,12 @@ def layer_costs(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerCos
         model.eval()
         with torch.no_grad():
             model(torch.zeros(1, *input_shape[1:]))
+    # The shape is the user's (`abs bops --input-shape`) or the data's: a model that cannot
+    # take it (a kernel larger than the image, the wrong channel count) is their input's fault.
+    except (RuntimeError, ValueError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise UserError(f"the model cannot run on input shape {list(input_shape[1:])}: "
+                        f"{reason}") from None
     finally:
         model.train(was_training)
         for h in handles:
@@ -115,20 +124,18 @@ def rows_as_dicts(rows: list[LayerBops]) -> list[dict]:
 def parse_bops(text: str, fp_bops: float) -> float:
     """A BOP target: a ratio of FP (`0.05`), a compression factor (`20x`) or a count (`35M`)."""
     s = text.strip().lower().replace(",", "")
+    scale = {"x": None, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}.get(s[-1:], 1.0)
     try:
-        if s.endswith("x"):
-            factor = float(s[:-1])
-            if factor <= 0:
-                raise ValueError
-            return fp_bops / factor
-        suffix = {"k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
-        if s and s[-1] in suffix:
-            return float(s[:-1]) * suffix[s[-1]]
-        value = float(s)
+        value = float(s[:-1] if s[-1:] in "xkmgt" else s)
     except ValueError:
         raise ValueError(f"cannot read BOP target '{text}' (use 0.05, 20x, 35M or 1.2G)") from None
-    if value <= 0:
-        raise ValueError(f"BOP target must be positive, got '{text}'")
+    # float() reads "nan" and "inf" too; neither is a target a search can land on.
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"BOP target must be a positive finite number, got '{text}'")
+    if scale is None:
+        return fp_bops / value
+    if scale != 1.0:
+        return value * scale
     return value * fp_bops if value <= 1 else value
 
 

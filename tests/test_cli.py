@@ -53,7 +53,7 @@ def test_foreign_file_is_one_line(tmp_path):
 def test_text_file_as_checkpoint_is_one_line(tmp_path):
     bad = tmp_path / "notes.pt"
     bad.write_text("hello")
-    assert_one_line_error(run("bops", bad), "not a readable checkpoint")
+    assert_one_line_error(run("bops", bad), "not a torch checkpoint")
 
 
 def test_wrong_dataset_path_is_one_line(tmp_path):

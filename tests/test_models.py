@@ -5,7 +5,12 @@ from torch import nn
 from abs_deploy import bops
 from abs_deploy.errors import UserError
 from abs_deploy.models import create_model, list_models
-from abs_deploy.models.registry import arch_record, build_model, default_input_shape
+from abs_deploy.models.registry import (
+    arch_record,
+    build_model,
+    default_input_shape,
+    trusted_imports,
+)
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -40,7 +45,18 @@ def test_digits_cnn_has_a_residual_add_and_a_depthwise_conv():
 def test_model_by_import_path_builds_and_records_path():
     arch = arch_record("torch.nn:Identity")
     assert arch == {"import": "torch.nn:Identity", "kwargs": {}}
-    assert isinstance(build_model(arch), nn.Identity)
+    assert isinstance(create_model("torch.nn:Identity"), nn.Identity)
+    with trusted_imports("torch.nn:Identity"):
+        assert isinstance(build_model(arch), nn.Identity)
+
+
+def test_import_path_in_a_record_is_refused_unless_trusted():
+    with pytest.raises(UserError, match="--model torch.nn:Identity or --trust-model-code"):
+        build_model(arch_record("torch.nn:Identity"))
+    with trusted_imports("torch.nn:Flatten"), pytest.raises(UserError, match="allows only"):
+        build_model(arch_record("torch.nn:Identity"))
+    with trusted_imports(any_path=True):
+        assert isinstance(build_model(arch_record("torch.nn:Identity")), nn.Identity)
 
 
 def test_unknown_model_is_a_user_error_listing_the_zoo():

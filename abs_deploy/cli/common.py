@@ -1,34 +1,119 @@
-"""What every command shares: one-line errors with exit code 2, progress bars, data options."""
+"""What every command shares: one error path with one line and a distinct exit code per kind,
+the user's say-so for code a checkpoint names, progress bars, data options."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
+import signal
 import sys
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 
 import click
 from tqdm import tqdm
 
 from abs_deploy.errors import UserError
+from abs_deploy.export.errors import ExportFailed
+from abs_deploy.files import reason
+from abs_deploy.models.registry import trusted_imports
+
+# Exit codes, one per kind of ending (README, "Exit codes"). Click's own usage errors exit 2.
+OK, VALIDATION_FAILED, BAD_INPUT, INTERRUPTED = 0, 1, 2, 130
 
 
 class CliError(click.ClickException):
-    """A user error: one line on stderr, exit code 2 (as click's own usage errors)."""
+    """Bad input (a file, an option, a full or read-only disk): one line on stderr, exit 2."""
 
-    exit_code = 2
+    exit_code = BAD_INPUT
+
+
+class ValidationFailed(click.ClickException):
+    """The work ran but its result missed a check (export parity, a file a runtime refuses):
+    one line, exit 1."""
+
+    exit_code = VALIDATION_FAILED
+
+
+class Interrupted(click.ClickException):
+    """Ctrl-C or SIGTERM: one line, exit 130 (128 + SIGINT, as shells report it)."""
+
+    exit_code = INTERRUPTED
 
 
 def guarded(fn: Callable) -> Callable:
-    """Turn library `UserError`s into one clear line instead of a traceback."""
+    """The one error path of every command: what the user can cause ends as one line and its
+    exit code, never a traceback. Temporary files are removed by the library's own clean-up,
+    which runs as these exceptions pass through it (SIGTERM is raised as an interrupt for that
+    reason)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with _sigterm_interrupts():
+                return fn(*args, **kwargs)
         except UserError as e:
-            raise CliError(str(e)) from None
+            raise CliError(_one_line(str(e))) from None
+        except ExportFailed as e:
+            raise ValidationFailed(_one_line(f"export failed: {e}")) from None
+        except OSError as e:  # a disk error the library did not name: still the user's disk
+            where = f"{e.filename}: " if e.filename else ""
+            raise CliError(_one_line(f"{where}{reason(e)}")) from None
         except KeyboardInterrupt:
-            raise CliError("interrupted") from None
+            raise Interrupted("interrupted") from None
     return wrapper
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (kill, a scheduler's time limit) unwinds like Ctrl-C, so clean-up runs and the
+    exit code says "interrupted"; the previous handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _one_line(text: str) -> str:
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def model_code_options(fn: Callable) -> Callable:
+    """--model and --trust-model-code, for commands that read a checkpoint: the user's say-so
+    for a checkpoint whose architecture is an import path (code the file names)."""
+    @functools.wraps(fn)
+    def wrapper(*args, allowed_model: str | None, trust_model_code: bool, **kwargs):
+        with trusted_imports(*([allowed_model] if allowed_model else []),
+                             any_path=trust_model_code):
+            return fn(*args, **kwargs)
+
+    wrapper = click.option(
+        "--trust-model-code", is_flag=True,
+        help="Build whatever architecture the checkpoint names by import path, i.e. run "
+             "that code. Only for files you trust; --model names one path instead.")(wrapper)
+    return click.option(
+        "--model", "allowed_model", metavar="PKG.MODULE:FACTORY", default=None,
+        help="Allow the checkpoint's architecture to be built by this import path (the "
+             "same one it names). Zoo models need nothing.")(wrapper)
+
+
+class FiniteFloat(click.FloatRange):
+    """A FloatRange that refuses nan and inf (which compare false to every bound and so pass
+    click's own range check)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
 
 
 def progress(it: Iterable, total: int, desc: str) -> Iterable:
@@ -80,7 +165,7 @@ def train_options(epochs: int | None = None, lr: float | None = None,
         for opt in reversed([
             click.option("--epochs", type=click.IntRange(1), default=epochs,
                          show_default=epochs is not None),
-            click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=lr,
+            click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=lr,
                          show_default=lr is not None),
             click.option("--batch-size", type=click.IntRange(1), default=batch_size,
                          show_default=True),

@@ -2,34 +2,23 @@
 
 from __future__ import annotations
 
-import functools
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import click
 import onnx
 
-from abs_deploy.cli.common import CliError, data_dir_option, fmt_count, guarded, progress
+from abs_deploy.cli.common import (
+    CliError,
+    ValidationFailed,
+    data_dir_option,
+    fmt_count,
+    guarded,
+    model_code_options,
+    progress,
+)
 from abs_deploy.data import DATASETS
-from abs_deploy.export.errors import ExportFailed
 from abs_deploy.export.html_report import MODEL_LABELS
-
-
-class ExportFailedError(click.ClickException):
-    """The export ran but a check missed: one line, exit code 1 (input errors exit 2)."""
-
-    exit_code = 1
-
-
-def failing_checks(fn: Callable) -> Callable:
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except ExportFailed as e:
-            raise ExportFailedError(f"export failed: {e}") from None
-    return wrapper
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,8 +53,8 @@ def failing_checks(fn: Callable) -> Callable:
                                   "openvino needs the extra: pip install 'abs-deploy[openvino]'.")
 @click.option("--ort-format", is_flag=True,
               help="Also write model.ort, the file ONNX Runtime Mobile loads, and validate it.")
+@model_code_options
 @guarded
-@failing_checks
 def export_main(checkpoint, to_onnx, output, opset, weights, no_simplify, skip_latency,
                 dataset, data_dir, batch_size, max_images, threads, runs, no_reduce_range,
                 check_runtimes, ort_format):
@@ -179,7 +168,7 @@ def validate(model, dataset, data_dir, batch_size, max_images, runtime):
                f"optimizations {_pct(check.accuracy_off)}; the two agree on "
                f"{_pct(check.top1_agreement)} (logits {check.logits_rel:.1e} relative)")
     if check.failure:
-        raise ExportFailedError(check.failure)
+        raise ValidationFailed(check.failure)
 
 
 def _pct(v: float | None, digits: int = 2) -> str:

@@ -3,25 +3,29 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import click
 
 from abs_deploy import bops
-from abs_deploy.checkpoint import load_checkpoint, save_checkpoint
+from abs_deploy.checkpoint import MAX_INPUT_VALUES, load_checkpoint, save_checkpoint
 from abs_deploy.cli.common import (
     CliError,
+    FiniteFloat,
     checkpoint_data_options,
     data_dir_option,
     epoch_printer,
     fmt_count,
     guarded,
+    model_code_options,
     progress,
     train_options,
 )
 from abs_deploy.data import DATASETS, dataset_for, load_dataset
 from abs_deploy.errors import UserError
-from abs_deploy.models.registry import build_model, create_model, default_input_shape
+from abs_deploy.files import check_output
+from abs_deploy.models.registry import build_model, create_model, data_kwargs, default_input_shape
 from abs_deploy.train import TrainConfig
 
 BITS = click.IntRange(2, 8)
@@ -43,10 +47,11 @@ def pretrain(model_name, model_kwargs, dataset, data_dir, image_size, output, ep
     """Train the full-precision starting point."""
     from abs_deploy.pretrain import pretrain as run
 
+    check_output(output)
+    kwargs = _json_kwargs(model_kwargs)
     data = load_dataset(dataset, data_dir, image_size=image_size)
     cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
-    ckpt = run(model_name, data, cfg, _json_kwargs(model_kwargs), progress,
-               epoch_printer("pretrain"))
+    ckpt = run(model_name, data, cfg, kwargs, progress, epoch_printer("pretrain"))
     save_checkpoint(ckpt, output)
     m = ckpt["metrics"]
     click.echo(f"FP {model_name} on {dataset}: top-1 {100 * m['top1']:.2f}%  "
@@ -68,15 +73,15 @@ _DEFAULTS = {"uniform": (10, 0.01), "abs": (15, 0.01), "bsq": (15, 0.01), "finet
 @click.option("--target-bops", default=None,
               help="abs/bsq: BOP target as a ratio of FP (0.05), a factor (64x) or a count "
                    "(35M, 1.2G).")
-@click.option("--lam", type=click.FloatRange(min=0), default=None,
+@click.option("--lam", type=FiniteFloat(min=0), default=None,
               help="abs: fixed BOP-loss weight (the paper's mode) instead of a target.")
 @click.option("--candidates", default="2,4,8", show_default=True,
               help="abs: candidate bitwidths, ascending.")
-@click.option("--max-prune", type=click.FloatRange(0, 1, max_open=True), default=0.5,
+@click.option("--max-prune", type=FiniteFloat(0, 1, max_open=True), default=0.5,
               show_default=True, help="abs: largest fraction of a layer's filters to remove.")
 @click.option("--resume", is_flag=True,
               help="abs: continue an interrupted search from OUTPUT's .partial state file.")
-@click.option("--alpha", type=click.FloatRange(min=0), default=0.5, show_default=True,
+@click.option("--alpha", type=FiniteFloat(min=0), default=0.5, show_default=True,
               help="bsq: bit-level group Lasso strength (adapted when --target-bops is given).")
 @click.option("--act-bits", type=BITS, default=4, show_default=True,
               help="bsq: fixed activation bits.")
@@ -88,26 +93,30 @@ _DEFAULTS = {"uniform": (10, 0.01), "abs": (15, 0.01), "bsq": (15, 0.01), "finet
 @checkpoint_data_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
 @train_options()
+@model_code_options
 @guarded
 def search(checkpoint, method, target_bops, lam, candidates, max_prune, resume, alpha, act_bits,
            w_bits, a_bits, edge_bits, dataset, data_dir, output, epochs, lr, batch_size, seed):
     """Search per-layer bits (and, for abs, pruned filters) from a trained FP checkpoint."""
+    check_output(output, [checkpoint])
+    state = Path(f"{output}.partial")
+    if method == "abs":
+        check_output(state, [checkpoint])
     fp = load_checkpoint(checkpoint, stages=("fp",))
+    if method == "abs" and target_bops is None and lam is None:
+        raise CliError("abs needs --target-bops (or --lam for a fixed weight)")
+    if method == "abs" and state.exists() and not resume:
+        raise CliError(f"{state} holds an interrupted search: add --resume to continue it, "
+                       "or delete it to start over")
+    target = _target(target_bops, fp) if target_bops else None
     data = dataset_for(fp["input"], data_dir, dataset)
     cfg = _config("uniform" if method == "uniform" else method, epochs, lr, batch_size, seed)
-    target = _target(target_bops, fp) if target_bops else None
     if method == "uniform":
         from abs_deploy.search.uniform import uniform_qat
         ckpt = uniform_qat(fp, data, w_bits, a_bits, cfg, edge_bits, progress,
                            epoch_printer(f"qat w{w_bits}a{a_bits}"))
     elif method == "abs":
         from abs_deploy.search.abs_search import abs_search
-        if target is None and lam is None:
-            raise CliError("abs needs --target-bops (or --lam for a fixed weight)")
-        state = Path(f"{output}.partial")
-        if state.exists() and not resume:
-            raise CliError(f"{state} holds an interrupted search: add --resume to continue it, "
-                           "or delete it to start over")
         ckpt = abs_search(fp, data, target, cfg, lam=lam, candidates=_bits_list(candidates),
                           max_prune=max_prune, edge_bits=edge_bits, progress=progress,
                           on_epoch_end=epoch_printer("abs"), resume_path=str(state))
@@ -118,7 +127,7 @@ def search(checkpoint, method, target_bops, lam, candidates, max_prune, resume, 
                           on_epoch_end=epoch_printer("bsq"))
     save_checkpoint(ckpt, output)
     if method == "abs":
-        Path(f"{output}.partial").unlink(missing_ok=True)
+        state.unlink(missing_ok=True)
     print_decision(ckpt, target)
     click.echo(f"-> {output}")
 
@@ -128,11 +137,13 @@ def search(checkpoint, method, target_bops, lam, candidates, max_prune, resume, 
 @checkpoint_data_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
 @train_options()
+@model_code_options
 @guarded
 def finetune(checkpoint, dataset, data_dir, output, epochs, lr, batch_size, seed):
     """Train a searched configuration in its deployable form (BN folded, bits fixed)."""
     from abs_deploy.search.finetune import finetune as run
 
+    check_output(output, [checkpoint])
     searched = load_checkpoint(checkpoint, stages=("searched",))
     data = dataset_for(searched["input"], data_dir, dataset)
     ckpt = run(searched, data, _config("finetune", epochs, lr, batch_size, seed), progress,
@@ -149,10 +160,16 @@ def _config(method: str, epochs, lr, batch_size, seed) -> TrainConfig:
 
 
 def _target(text: str, fp: dict) -> float:
+    fp_bops = (fp.get("metrics") or {}).get("fp_bops")
     try:
-        return bops.parse_bops(text, fp["metrics"]["fp_bops"])
+        target = bops.parse_bops(text, float(fp_bops) if isinstance(fp_bops, (int, float))
+                                 else math.nan)
     except ValueError as e:
         raise CliError(str(e)) from None
+    if not math.isfinite(target) or target <= 0:
+        raise CliError(f"the checkpoint records no usable FP BOPs ({fp_bops!r}), so "
+                       f"--target-bops {text} cannot be read as a ratio; give a count (35M)")
+    return target
 
 
 def _bits_list(text: str) -> tuple[int, ...]:
@@ -187,9 +204,11 @@ def print_decision(ckpt: dict, target: float | None = None) -> None:
 @click.option("--edge-bits", type=click.IntRange(1, 32), default=8, show_default=True,
               help="Bits of the first and last layer when --w-bits/--a-bits are given.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@model_code_options
 @guarded
 def bops_cmd(model, num_classes, input_shape, w_bits, a_bits, edge_bits, as_json):
     """Per-layer MACs and BOPs of a zoo model or a checkpoint (FP counts as 32x32 bits)."""
+    shape = _shape(input_shape) if input_shape else None
     if Path(model).suffix == ".pt" or Path(model).is_file():
         ckpt = load_checkpoint(model)
         if ckpt["decision"]:
@@ -198,10 +217,8 @@ def bops_cmd(model, num_classes, input_shape, w_bits, a_bits, edge_bits, as_json
             rows = _uniform_rows(build_model(ckpt["arch"]), ckpt["input"]["shape"],
                                  w_bits, a_bits, edge_bits)
     else:
-        kwargs = {"num_classes": num_classes} if num_classes else {}
-        shape = _shape(input_shape) if input_shape else default_input_shape(model)
-        net = create_model(model, **kwargs, **({"in_chans": shape[0]} if ":" not in model
-                                                 else {}))
+        shape = shape or default_input_shape(model)
+        net = create_model(model, **data_kwargs(model, num_classes, shape[0]))
         rows = _uniform_rows(net, [1, *shape], w_bits, a_bits, edge_bits)
     fp = sum(r.macs for r in rows) * bops.FP_BITS ** 2
     tot = bops.totals(rows)
@@ -229,6 +246,11 @@ def _shape(text: str) -> tuple[int, int, int]:
         c, h, w = (int(v) for v in text.replace("x", ",").split(","))
     except ValueError:
         raise CliError(f"--input-shape must be C,H,W, got '{text}'") from None
+    if min(c, h, w) < 1:
+        raise CliError(f"--input-shape must be three positive sizes C,H,W, got '{text}'")
+    if c * h * w > MAX_INPUT_VALUES:
+        raise CliError(f"--input-shape {text} is {c * h * w:,} values per image, more than "
+                       f"{MAX_INPUT_VALUES:,}: too large to measure on CPU")
     return c, h, w
 
 

@@ -8,8 +8,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,6 +40,7 @@ from abs_deploy.export.validate import (
     check_qcdq,
     no_progress,
 )
+from abs_deploy.files import check_output, discard, reason, same_file, temp_dir
 from abs_deploy.quant import int_range
 
 FORMAT = "abs-deploy-qcdq/1"
@@ -111,7 +110,7 @@ def _export(ckpt_path: Path, opts: ExportOptions, progress: Progress,
         if rt != "openvino":
             raise UserError(f"unknown runtime {rt!r} to check; known: openvino")
         openvino_runtime.require()
-    tmp = _temp_dir(out.parent)
+    tmp = temp_dir(out)
     try:
         with step("load"):
             ckpt = load_checkpoint(ckpt_path, stages=("searched", "finetuned"))
@@ -156,8 +155,8 @@ def _export(ckpt_path: Path, opts: ExportOptions, progress: Progress,
             paths = {"onnx": tmp / out.name, "fp32": tmp / f"{out.stem}.fp32.onnx"}
             if ort_file:
                 paths["ort"] = ort_file
-            onnx.save(files.qcdq, paths["onnx"])
-            onnx.save(files.fp32, paths["fp32"])
+            _save_onnx(files.qcdq, paths["onnx"])
+            _save_onnx(files.fp32, paths["fp32"])
             rep = _report(ckpt, ckpt_path, col, pruned, files, checks, timings, data.name,
                           opts, paths["onnx"].stat().st_size)
             rep["files"] = {**{k: p.name for k, p in paths.items()},
@@ -166,10 +165,8 @@ def _export(ckpt_path: Path, opts: ExportOptions, progress: Progress,
             rep["parity"].update(_more_parity(checks))
             paths.update(report.write(rep, tmp))
         final = _move_into_place(paths, out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        discard(tmp)
     return ExportResult(final, rep, time.perf_counter() - t0, steps)
 
 
@@ -284,18 +281,34 @@ def validate_file(path: str | os.PathLike, dataset: str | None = None,
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     try:
-        meta = {p.key: p.value for p in onnx.load(path, load_external_data=False).metadata_props}
+        model = onnx.load(path, load_external_data=False)
+        meta = {p.key: p.value for p in model.metadata_props}
         spec = json.loads(meta.get("abs_deploy.input", "{}"))
     except Exception as e:  # protobuf DecodeError, a JSON error in foreign metadata
         raise UserError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+    spec = spec if isinstance(spec, dict) else {}
     dataset = dataset or spec.get("dataset")
     if not dataset:
         raise UserError(f"{path} names no dataset in its metadata; give --dataset")
     data = _with_normalisation(dataset_for(spec, data_dir, dataset), spec)
+    classes = _output_classes(model)
+    # Argmax over more or fewer scores than the data has classes gives a number, not a
+    # measurement; the shapes say so before any image runs.
+    if classes is not None and classes != data.num_classes:
+        raise UserError(f"{path} outputs {classes} class scores, dataset {data.name} has "
+                        f"{data.num_classes} classes")
     return check_file(str(path), _batches(data, batch_size, max_images), progress, runtime)
 
 
 # --- helpers -------------------------------------------------------------------------------
+
+
+def _output_classes(model: onnx.ModelProto) -> int | None:
+    """The length of the first output's last axis, when the file states it."""
+    if not model.graph.output:
+        return None
+    dims = model.graph.output[0].type.tensor_type.shape.dim
+    return dims[-1].dim_value if dims and dims[-1].dim_value > 0 else None
 
 
 class _Steps:
@@ -323,16 +336,22 @@ def _output_path(ckpt: Path, opts: ExportOptions) -> Path:
         raise UserError(f"output {out} must end in .onnx")
     if out.is_dir():
         raise UserError(f"output {out} is a folder; give a file name ending in .onnx")
-    if not out.parent.is_dir():
-        raise UserError(f"cannot write {out}: folder {out.parent} does not exist")
-    return out
+    # Every file the export writes beside the model, so none of them can be the checkpoint.
+    written = [out.with_name(f"{out.stem}{ext}") for ext in (".fp32.onnx", ".ort")] + \
+        [out.with_name(f"report.{ext}") for ext in ("json", "md", "png", "html")]
+    for path in written:
+        if same_file(path, ckpt):
+            raise UserError(f"the export writes {path}, which is the checkpoint {ckpt}; give "
+                            "another output folder")
+    return check_output(out, [ckpt])
 
 
-def _temp_dir(folder: Path) -> Path:
+def _save_onnx(model: onnx.ModelProto, path: Path) -> None:
     try:
-        return Path(tempfile.mkdtemp(prefix=".abs-export-", dir=folder))
+        onnx.save(model, path)
     except OSError as e:
-        raise UserError(f"cannot write to {folder}: {e.strerror}") from None
+        raise UserError(f"cannot write {path.name} in {path.parent.parent}: "
+                        f"{reason(e)}") from None
 
 
 def _move_into_place(files: dict[str, Path], folder: Path) -> dict[str, Path]:

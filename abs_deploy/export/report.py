@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import uuid
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ from abs_deploy.export.html_report import MODEL_LABELS, count, pct
 from abs_deploy.export.latency import Timing, headline_setting, speedups
 from abs_deploy.export.qdq import ActQuant
 from abs_deploy.export.validate import ModeParity, PruneParity
+from abs_deploy.files import check_output, discard, reason, remove_stale, temp_path
 
 FORMAT = "abs-deploy-report/1"
 # What `load` insists on before it renders a file: enough to tell our report from any JSON.
@@ -158,6 +159,8 @@ def rebuild(path: str | os.PathLike) -> dict[str, Path]:
     """`abs report`: remake report.md, report.png and report.html beside a report.json from
     it alone; the JSON itself is left as it is. Returns the paths written."""
     json_path = _json_path(Path(path))
+    for view in ("md", "png", "html"):
+        check_output(json_path.with_name(f"report.{view}"), [json_path])
     rep = load(json_path)
     try:
         views = _views(rep, json_path.parent)
@@ -191,21 +194,24 @@ def _views(report: dict, folder: Path) -> dict[Path, Callable[[Path], None]]:
 
 def _write_all(writers: dict[Path, Callable[[Path], None]]) -> None:
     """Each file under a temporary name beside its target, renamed only when all are written:
-    a reader never sees half a file, and a failure leaves the old files as they were."""
+    a reader never sees half a file, and a failure (a full or read-only disk) leaves the old
+    files as they were and no temporary file behind."""
     temps: dict[Path, Path] = {}
+    for folder in {path.parent for path in writers}:
+        remove_stale(folder)
     try:
         for path, write_to in writers.items():
-            # Not mkstemp: its files are private (0600), and a report is for others to open.
-            # The suffix stays last: matplotlib picks the image format from it.
-            temps[path] = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}{path.suffix}")
+            # Created by the writer itself, not mkstemp, whose files are private (0600): a
+            # report is for others to open.
+            temps[path] = temp_path(path)
             write_to(temps[path])
         for path, tmp in temps.items():
             os.replace(tmp, path)
     except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror}") from None
+        raise UserError(f"cannot write {path}: {reason(e)}") from None
     finally:
         for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
+            discard(tmp)
 
 
 def _jsonable(v: object) -> object:
@@ -217,13 +223,17 @@ def _jsonable(v: object) -> object:
 
 
 def markdown(r: dict) -> str:
+    """report.md. Every value quoted from the report goes through `_md`: a report.json is
+    anyone's file, and Markdown viewers render the HTML a string may hold."""
     t = r["totals"]
     acc = r["accuracy"]
     par = r["parity"]
-    lines = [f"# Export report: {r['checkpoint']}", "",
-             f"{r['arch']} ({r['stage']}, {r['method']}), input {r['input_shape']}, "
-             f"validated on {r['dataset']} ({acc['images']} images). "
-             f"ONNX opset {r['options']['opset']}, weights {r['options']['weights']}.", "",
+    opts = r["options"]
+    lines = [f"# Export report: {_md(r['checkpoint'])}", "",
+             f"{_md(r['arch'])} ({_md(r['stage'])}, {_md(r['method'])}), input "
+             f"{_md(r['input_shape'])}, validated on {_md(r['dataset'])} "
+             f"({_md(acc['images'])} images). ONNX opset {_md(opts['opset'])}, weights "
+             f"{_md(opts['weights'])}.", "",
              "## Totals", "",
              "| | FP original | exported | ratio |", "|---|---:|---:|---:|"]
     file_label = "file bytes (FP: its float32 parameters)" if t.get("fp_file_estimated") \
@@ -236,54 +246,71 @@ def markdown(r: dict) -> str:
     lines += ["", "## Accuracy (top-1)", "",
               "| FP original | checkpoint weights in float | reference | ORT | "
               "ORT (no optimizations) |", "|---:|---:|---:|---:|---:|",
-              f"| {pct(acc['fp_original'])} ({acc['fp_source']}) | "
+              f"| {pct(acc['fp_original'])} ({_md(acc['fp_source'])}) | "
               f"{pct(acc['float_weights'])} | {pct(acc['reference'])} | {pct(acc['ort'])} | "
               f"{pct(acc['ort_unoptimized'])} |", "", "## Parity", ""]
     p, off, full = par["pruning"], par["ort_unoptimized"], par["ort_optimized"]
     lines += [f"- pruned vs masked float: logits {p['logits_rel']:.1e} relative (ORT "
-              f"{p['onnx_logits_rel']:.1e}), worst layer {p['worst_layer']} "
+              f"{p['onnx_logits_rel']:.1e}), worst layer {_md(p['worst_layer'])} "
               f"{p['worst_layer_rel']:.1e}",
               f"- ORT without optimizations vs reference: logits {off['logits_rel']:.1e} "
               f"relative, top-1 agreement {pct(off['top1_agreement'])}, codes equal "
               f"{pct(off['codes_equal'], 3)}",
               f"- ORT optimized (int8 kernels) vs reference: top-1 agreement "
               f"{pct(full['top1_agreement'])}, codes equal {pct(full['codes_equal'], 3)}, "
-              f"max code difference {full['codes_max_diff']}", ""]
+              f"max code difference {_md(full['codes_max_diff'])}", ""]
     lat = r.get("latency")
     if lat:
         models = list(dict.fromkeys(row["model"] for row in lat["rows"]))
         where = ("ONNX Runtime and OpenVINO" if any(m.endswith("_openvino") for m in models)
                  else "ONNX Runtime")
-        warm = f"{lat['warmup']} warm-up runs" if lat.get("warmup") else "warm-up"
-        lines += [f"## Latency in {where}", "", f"CPU: {lat['cpu']}. Median / p90 in ms "
-                  f"over {lat['rows'][0]['runs']} runs after {warm}; within a setting the "
-                  "models take turns run by run.", "",
+        warm = f"{_md(lat['warmup'])} warm-up runs" if lat.get("warmup") else "warm-up"
+        lines += [f"## Latency in {where}", "", f"CPU: {_md(lat['cpu'])}. Median / p90 in ms "
+                  f"over {_md(lat['rows'][0]['runs'])} runs after {warm}; within a setting "
+                  "the models take turns run by run.", "",
                   "| model | batch | threads | median | p90 |", "|---|---:|---:|---:|---:|"]
         for row in lat["rows"]:
-            lines.append(f"| {MODEL_LABELS.get(row['model'], row['model'])} | {row['batch']} | "
-                         f"{row['threads']} | {row['median_ms']:.3f} | {row['p90_ms']:.3f} |")
+            lines.append(f"| {_label(row['model'])} | {_md(row['batch'])} | "
+                         f"{_md(row['threads'])} | {row['median_ms']:.3f} | "
+                         f"{row['p90_ms']:.3f} |")
         lines += ["", "Speed relative to the FP original (its median over each model's):", "",
-                  "| setting | " + " | ".join(MODEL_LABELS.get(m, m) for m in models) + " |",
+                  "| setting | " + " | ".join(_label(m) for m in models) + " |",
                   "|---|" + "---:|" * len(models)]
         for setting, speed in lat["speedup_vs_fp_original"].items():
-            lines.append(f"| {setting} | " + " | ".join(
+            lines.append(f"| {_md(setting)} | " + " | ".join(
                 f"{speed[m]:.2f}x" if m in speed else "n/a" for m in models) + " |")
-        lines += ["", f"Fastest at {lat['headline']}: "
-                  f"{MODEL_LABELS.get(lat['fastest'], lat['fastest'])}.", ""]
+        lines += ["", f"Fastest at {_md(lat['headline'])}: {_label(lat['fastest'])}.", ""]
     lines += ["## Layers", "",
               "| layer | w | a | kept | MACs | BOPs | weight bytes | act. codes |",
               "|---|---:|---:|---:|---:|---:|---:|---|"]
     for row in r["layers"]:
         clip = "float" if row["act_clip"] is None else \
-            f"[{row['act_clip'][0]}, {row['act_clip'][1]}]"
-        w = f"{row['w_bits']}" + (f" (stored {row['w_store_bits']})"
+            f"[{_md(row['act_clip'][0])}, {_md(row['act_clip'][1])}]"
+        w = _md(row["w_bits"]) + (f" (stored {_md(row['w_store_bits'])})"
                                   if row["w_store_bits"] != row["w_bits"] else "")
-        lines.append(f"| {row['name']} | {w} | {row['a_bits']} | "
-                     f"{row['kept']}/{row['total']} | {count(row['macs'])} | "
+        lines.append(f"| {_md(row['name'])} | {w} | {_md(row['a_bits'])} | "
+                     f"{_md(row['kept'])}/{_md(row['total'])} | {count(row['macs'])} | "
                      f"{count(row['bops'])} | {count(row['weight_bytes'])} | {clip} |")
     if r.get("notes"):
-        lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
+        lines += ["", "## Notes", ""] + [f"- {_md(n)}" for n in r["notes"]]
     return "\n".join(lines) + "\n"
+
+
+# Characters that Markdown (CommonMark, GitHub's tables) would read as markup: each is
+# backslash-escaped; <, > and & become entities, so no tag or entity of the source survives.
+_MD_MARKUP = re.compile(r"([\\`*_{}\[\]()#+!|~])")
+_MD_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+
+
+def _md(value: object) -> str:
+    """`value` as literal Markdown text on one line."""
+    text = " ".join(str(value).split())
+    text = "".join(_MD_ENTITIES.get(c, c) for c in text)
+    return _MD_MARKUP.sub(r"\\\1", text)
+
+
+def _label(model: object) -> str:
+    return _md(MODEL_LABELS.get(model, model) if isinstance(model, str) else model)
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -310,6 +337,6 @@ def plot(rows: list[dict], path: Path) -> None:
     ax2.set_xticks(list(x))
     ax2.set_xticklabels(names, rotation=90, fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")  # the name may be a temporary one
     plt.close(fig)
 

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from abs_deploy import bops, graph
-from abs_deploy.checkpoint import make_checkpoint, save_checkpoint
+from abs_deploy.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from abs_deploy.data import Dataset
 from abs_deploy.errors import UserError
 from abs_deploy.search.qmodel import calibrate, get_module, model_from_checkpoint, set_module
@@ -535,11 +535,11 @@ def _save_state(path: str, fp_ckpt: dict, net: SuperBitNet, opt_w, opt_g, state:
 
 def _load_state(path: str, net: SuperBitNet, opt_w, opt_g, state: _State,
                 fingerprint: dict) -> None:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        resume = ckpt["resume"]
-    except Exception as e:  # any unreadable file: say which and why, do not guess
-        raise UserError(f"cannot resume from {path}: {type(e).__name__}: {e}") from None
+    # The same reader as every checkpoint: no pickled objects, no code the file names.
+    ckpt = load_checkpoint(path, stages=("searched",))
+    resume = ckpt.get("resume")
+    if not isinstance(resume, dict):
+        raise UserError(f"cannot resume from {path}: it holds no search state")
     if resume.get("fingerprint") != fingerprint:
         raise UserError(f"{path} is the state of a different search (model, target or "
                         "settings differ); delete it or change the output name")
