@@ -42,6 +42,44 @@ class Interrupted(click.ClickException):
     exit_code = INTERRUPTED
 
 
+class Command(click.Command):
+    """A command whose usage errors (a bad option value, a missing argument) are one line and
+    exit 2 like every other bad input, instead of click's usage block."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            raise CliError(_usage_line(e, info_name)) from None
+
+
+class Group(click.Group):
+    """The `abs` group, with `Command`'s one-line usage errors (an unknown command too)."""
+
+    command_class = Command
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as e:
+            raise CliError(_usage_line(e, info_name)) from None
+
+    def resolve_command(self, ctx, args):
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as e:
+            raise CliError(_usage_line(e, ctx.command_path)) from None
+
+
+def _usage_line(e: click.UsageError, name: str | None) -> str:
+    where = e.ctx.command_path if e.ctx else name
+    return _one_line(f"{e.format_message()} (see {where} --help)")
+
+
 def guarded(fn: Callable) -> Callable:
     """The one error path of every command: what the user can cause ends as one line and its
     exit code, never a traceback. Temporary files are removed by the library's own clean-up,

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from abs_deploy.checkpoint import save_checkpoint
-from abs_deploy.cli.common import epoch_printer, fmt_count, guarded, progress
+from abs_deploy.cli.common import Command, epoch_printer, fmt_count, guarded, progress
 from abs_deploy.cli.train import print_decision
 from abs_deploy.data import load_dataset
 from abs_deploy.train import TrainConfig
@@ -17,7 +17,7 @@ from abs_deploy.train import TrainConfig
 TARGET = 64.0   # the BOP compression factor the demo searches for
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--out", type=click.Path(file_okay=False), default="runs/demo", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--skip-export", is_flag=True, help="Stop after fine-tuning.")

@@ -10,6 +10,7 @@ import onnx
 
 from abs_deploy.cli.common import (
     CliError,
+    Command,
     ValidationFailed,
     data_dir_option,
     fmt_count,
@@ -21,7 +22,7 @@ from abs_deploy.data import DATASETS
 from abs_deploy.export.html_report import MODEL_LABELS
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--onnx", "to_onnx", is_flag=True, default=True,
               help="Write ONNX (QCDQ) files; the only target, so also the default.")
@@ -139,7 +140,7 @@ def print_summary(result) -> None:
                + " the speed of the FP original")
 
 
-@click.command("validate")
+@click.command("validate", cls=Command)
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--dataset", type=click.Choice(DATASETS), default=None,
               help="Default: the dataset named in the file's metadata.")

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import click
 
-from abs_deploy.cli.common import guarded
+from abs_deploy.cli.common import Command, guarded
 
 
-@click.command("report")
+@click.command("report", cls=Command)
 @click.argument("run", type=click.Path())
 @guarded
 def report_cmd(run: str) -> None:

@@ -12,6 +12,7 @@ from abs_deploy import bops
 from abs_deploy.checkpoint import MAX_INPUT_VALUES, load_checkpoint, save_checkpoint
 from abs_deploy.cli.common import (
     CliError,
+    Command,
     FiniteFloat,
     checkpoint_data_options,
     data_dir_option,
@@ -31,7 +32,7 @@ from abs_deploy.train import TrainConfig
 BITS = click.IntRange(2, 8)
 
 
-@click.command()
+@click.command(cls=Command)
 @click.option("--model", "model_name", required=True,
               help="Zoo name (e.g. digits_cnn, resnet20) or import path pkg.module:factory.")
 @click.option("--model-kwargs", default="{}", help="JSON keyword arguments for the builder.")
@@ -66,7 +67,7 @@ def pretrain(model_name, model_kwargs, dataset, data_dir, image_size, output, ep
 _DEFAULTS = {"uniform": (10, 0.01), "abs": (15, 0.01), "bsq": (15, 0.01), "finetune": (10, 0.001)}
 
 
-@click.command()
+@click.command(cls=Command)
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @click.option("--method", type=click.Choice(["uniform", "abs", "bsq"]), default="abs",
               show_default=True)
@@ -132,7 +133,7 @@ def search(checkpoint, method, target_bops, lam, candidates, max_prune, resume, 
     click.echo(f"-> {output}")
 
 
-@click.command()
+@click.command(cls=Command)
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @checkpoint_data_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
@@ -195,7 +196,7 @@ def print_decision(ckpt: dict, target: float | None = None) -> None:
                f"BOPs {fmt_count(m['bops'])} = FP/{m['fp_bops'] / m['bops']:.1f}{aim}")
 
 
-@click.command("bops")
+@click.command("bops", cls=Command)
 @click.argument("model")
 @click.option("--num-classes", type=click.IntRange(1), default=None)
 @click.option("--input-shape", default=None, help="C,H,W (default: what the model is built for)")

@@ -144,8 +144,9 @@ def data_kwargs(name: str, num_classes: int | None, in_chans: int | None,
     given = dict(given or {})
     for key, value in (("num_classes", num_classes), ("in_chans", in_chans)):
         if value is not None and key in given and given[key] != value:
+            noun = {"num_classes": ("class", "classes"), "in_chans": ("channel", "channels")}
             raise UserError(f"--model-kwargs sets {key}={given[key]!r}, but the data has "
-                            f"{value} {'classes' if key == 'num_classes' else 'channels'}")
+                            f"{value} {noun[key][value != 1]}")
     params = _parameters(_factory(name))
     named = params is None or "num_classes" in params
     open_kwargs = params is None or "**" in params
@@ -158,7 +159,7 @@ def data_kwargs(name: str, num_classes: int | None, in_chans: int | None,
         elif in_chans != 3:
             if not open_kwargs:
                 raise UserError(f"model '{name}' takes no in_chans argument, so it is built "
-                                f"for 3-channel images; the data has {in_chans} channel(s)")
+                                f"for 3-channel images; the data has {in_chans}")
             kwargs["in_chans"] = in_chans  # **kwargs may forward it (timm's factories do)
     return {**kwargs, **given}
 
