@@ -96,7 +96,12 @@ def _read(path: Path) -> Any:
         if found:
             raise UserError(f"{path}: refused, the file holds pickled objects "
                             f"({found.group(1)}), not plain data") from None
-        raise UserError(f"{path}: not a readable checkpoint (damaged pickle data)") from None
+        # Damaged data, or a pickle protocol the safe loader does not read (torch.save's
+        # pickle_protocol=4 in the legacy format): either way nothing was run.
+        found = re.search(r"Unsupported operand \d+", str(e))
+        detail = found.group(0) if found else "damaged pickle data"
+        raise UserError(f"{path}: not a readable checkpoint (the safe loader refuses its "
+                        f"pickle: {detail})") from None
     except Exception as e:  # noqa: BLE001 - arbitrary bytes fail in arbitrary ways inside torch
         raise UserError(f"{path}: not a readable checkpoint (truncated or damaged: "
                         f"{_first_sentence(e)})") from None

@@ -42,7 +42,8 @@ def check_output(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = 
     # creating a file does.
     probe = temp_path(path)
     try:
-        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        with open(probe, "xb"):
+            pass
     except OSError as e:
         raise UserError(f"cannot write {path}: {reason(e)}") from None
     discard(probe)

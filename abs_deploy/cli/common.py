@@ -19,8 +19,16 @@ from abs_deploy.export.errors import ExportFailed
 from abs_deploy.files import reason
 from abs_deploy.models.registry import trusted_imports
 
-# Exit codes, one per kind of ending (README, "Exit codes"). Click's own usage errors exit 2.
+# One exit code per kind of ending; README's "Exit codes" table lists the same.
 OK, VALIDATION_FAILED, BAD_INPUT, INTERRUPTED = 0, 1, 2, 130
+EXIT_CODES = {
+    OK: "success",
+    VALIDATION_FAILED: "validation failed: the export or `abs validate` ran, and a parity or "
+                       "agreement check missed",
+    BAD_INPUT: "bad input: a file, an option, a model that does not fit the data, an output "
+               "that cannot be written (missing, read-only or full disk)",
+    INTERRUPTED: "interrupted: Ctrl-C or SIGTERM",
+}
 
 
 class CliError(click.ClickException):
