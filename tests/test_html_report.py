@@ -2,8 +2,10 @@
 has every layer and one mark per value in its plots, escapes the report's text, says why a
 section is missing, and shows its plots in a real browser when one is installed."""
 
+import errno
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -15,7 +17,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from abs_deploy import bops
+from abs_deploy import bops, files
 from abs_deploy.cli import main
 from abs_deploy.export import report
 from abs_deploy.export.html_report import FLOAT_BITS, render
@@ -300,6 +302,27 @@ def test_text_from_the_report_is_escaped():
     _svgs(page)  # the SVGs holding the name are still well-formed XML
 
 
+def test_markdown_escapes_text_from_the_report():
+    """report.md quotes report.json, anyone's file; Markdown viewers render HTML in it."""
+    rows = _layer_rows()
+    rows[2]["name"] = "<script>alert(1)</script>"
+    rows[3]["name"] = "a|b`c`*d*"
+    rep = _report(rows)
+    rep["checkpoint"] = "<img src=x onerror=alert(1)>.pt"
+    rep["arch"] = "[click](javascript:alert(1))"
+    rep["dataset"] = "cifar10 & <b>more</b>"
+    rep["notes"] = ["<iframe src=x>", "two\n# lines"]
+    rep["latency"]["cpu"] = "<i>cpu</i>"
+    md = report.markdown(rep)
+    assert "<" not in md and ">" not in md  # every tag of the source is now text
+    assert "&lt;img src=x onerror=alert\\(1\\)&gt;" in md and "&amp; &lt;b&gt;" in md
+    assert "](javascript" not in md and "`c`" not in md and "*d*" not in md
+    assert "\n# lines" not in md
+    layers = md.split("## Layers", 1)[1].splitlines()[2:]
+    cells = [len(re.findall(r"(?<!\\)\|", line)) for line in layers if line.startswith("|")]
+    assert cells == [9] * (len(rows) + 2)  # header, rule, rows: a | in a name splits none
+
+
 def test_history_section_keeps_plain_values_only():
     hist = report.history_section([{"epoch": 1, "val_acc": 0.5, "bops": float("inf"),
                                     "bits": {"w": 2}, "note": "x", "flag": True}, "junk", 3])
@@ -379,6 +402,39 @@ def test_abs_report_accepts_the_json_file_itself(tmp_path):
     result = CliRunner().invoke(main, ["report", str(tmp_path / "report.json")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "report.html").is_file() and "report.html" in result.output
+
+
+def test_abs_report_into_a_read_only_folder_is_one_line_and_changes_nothing(tmp_path,
+                                                                          monkeypatch):
+    """A read-only file system refuses the new file and, with EROFS, even the clean-up of
+    one that was never made; neither may end in a traceback."""
+    report.write(_report(), tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    unlink = Path.unlink
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    def unlink_read_only(path, missing_ok=False):
+        if path.exists():  # the probe: our check made it, so let it go
+            return unlink(path, missing_ok)
+        read_only()  # as Linux does on a read-only mount, even for a missing file
+    monkeypatch.setattr(Path, "write_text", read_only)
+    monkeypatch.setattr(Path, "unlink", unlink_read_only)
+    _one_line_error(CliRunner().invoke(main, ["report", str(tmp_path)]), "Read-only file system")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_abs_report_checks_the_folder_before_rendering(tmp_path, monkeypatch):
+    report.write(_report(), tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    monkeypatch.setattr(files, "open", lambda *a: (_ for _ in ()).throw(
+        OSError(errno.EROFS, os.strerror(errno.EROFS))), raising=False)
+    monkeypatch.setattr(report, "_views", lambda *a: pytest.fail("rendered before the check"))
+    _one_line_error(CliRunner().invoke(main, ["report", str(tmp_path)]), "Read-only file system")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 # --- in a browser ------------------------------------------------------------------------------
