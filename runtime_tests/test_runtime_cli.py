@@ -1,10 +1,15 @@
 """`abs-export` and `abs validate` from the command line: the summary on success; one line,
 exit code 2 and no file left behind for every input error."""
 
+import errno
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 from click.testing import CliRunner
@@ -127,3 +132,61 @@ def test_output_must_be_an_onnx_file(good, tmp_path):
 
 def test_validate_refuses_a_file_that_is_not_onnx(good, tmp_path):
     _one_line_error(_run(validate, [good, "--dataset", "digits"]))
+
+
+def _listing(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_full_disk_during_export_is_one_line_and_keeps_the_previous_files(good, tmp_path,
+                                                                          monkeypatch):
+    for name in ("m.onnx", "m.fp32.onnx", "report.json", "report.md"):
+        (tmp_path / name).write_bytes(b"the previous export's " + name.encode())
+    before = _listing(tmp_path)
+
+    def full_disk(model, path, *args, **kwargs):
+        Path(path).write_bytes(model.SerializeToString()[:1000])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr("abs_deploy.export.pipeline.onnx.save", full_disk)
+    result = _run(export_main, [good, "-o", tmp_path / "m.onnx", "--skip-latency",
+                                "--max-images", 64])
+    _one_line_error(result)
+    assert "No space left on device" in result.stderr
+    assert _listing(tmp_path) == before  # no half file, no temporary folder
+
+
+def test_a_killed_export_leaves_a_temporary_folder_the_next_export_removes(good, tmp_path):
+    out = tmp_path / "m.onnx"
+    cmd = [sys.executable, "-c", "from abs_deploy.cli.export import export_main as m; "
+           "m(prog_name='abs-export')", str(good), "-o", str(out), "--skip-latency",
+           "--max-images", "64"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and not any(tmp_path.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".m.onnx.abs-tmp-"), left
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "m.fp32.onnx", "m.onnx", "report.html", "report.json", "report.md", "report.png"]
+
+
+def test_validate_refuses_a_file_with_another_class_count(tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["x"], ["f"]),
+         helper.make_node("Gemm", ["f", "w"], ["y"])], "five",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [64, 5], [0.0] * 320)])
+    path = tmp_path / "five.onnx"
+    onnx.save(helper.make_model(graph), path)
+    result = _run(validate, [path, "--dataset", "digits"])
+    _one_line_error(result)
+    assert "outputs 5 class scores, dataset digits has 10 classes" in result.stderr
