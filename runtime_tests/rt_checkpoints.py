@@ -16,7 +16,7 @@ from abs_deploy.checkpoint import make_checkpoint
 from abs_deploy.data import Dataset, load_dataset
 from abs_deploy.export.collapse import call_order
 from abs_deploy.fold import fold_bn
-from abs_deploy.models.registry import arch_record, build_model
+from abs_deploy.models.registry import arch_record, create_model
 
 FLOAT = 32
 
@@ -45,7 +45,7 @@ def random_checkpoint(model_name: str, data: Dataset, *, seed: int = 0,
     torch.manual_seed(seed)
     kwargs = {"num_classes": data.num_classes, "in_chans": data.input_shape[1], **model_kwargs}
     arch = arch_record(model_name, **kwargs)
-    model = build_model(arch)
+    model = create_model(model_name, **kwargs)
     batches = [x for x, _ in islice(data.batches("train", 32, shuffle=True, seed=seed), 2)]
     _measure_bn(model, batches, rng)
     example = torch.zeros(data.input_shape)

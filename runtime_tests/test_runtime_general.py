@@ -11,6 +11,7 @@ from rt_checkpoints import random_checkpoint
 from abs_deploy.checkpoint import save_checkpoint
 from abs_deploy.errors import UserError
 from abs_deploy.export import ExportOptions, export_model
+from abs_deploy.models.registry import trusted_imports
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import general_nets  # noqa: E402  (loaded by import path "general_nets:<factory>")
@@ -19,6 +20,14 @@ import general_nets  # noqa: E402  (loaded by import path "general_nets:<factory
 FACTORIES = [f for f in general_nets.ALL if f != "mobilenetv2_style"]
 # The ones export must refuse, and the words the refusal must hold: the op and the module.
 REFUSED = {"upsample_net": ("aten.upsample_nearest2d", "UpsampleNet")}
+
+
+@pytest.fixture(autouse=True)
+def trust_general_nets():
+    """The checkpoints here name general_nets factories by import path; the tests wrote them,
+    so they allow that code, as a user does with --model."""
+    with trusted_imports(*(f"general_nets:{f}" for f in general_nets.ALL)):
+        yield
 
 
 @pytest.mark.parametrize("factory", FACTORIES)
