@@ -110,6 +110,7 @@ def search(checkpoint, method, target_bops, lam, candidates, max_prune, resume, 
         raise CliError(f"{state} holds an interrupted search: add --resume to continue it, "
                        "or delete it to start over")
     target = _target(target_bops, fp) if target_bops else None
+    cands = _bits_list(candidates)
     data = dataset_for(fp["input"], data_dir, dataset)
     cfg = _config("uniform" if method == "uniform" else method, epochs, lr, batch_size, seed)
     if method == "uniform":
@@ -118,7 +119,7 @@ def search(checkpoint, method, target_bops, lam, candidates, max_prune, resume, 
                            epoch_printer(f"qat w{w_bits}a{a_bits}"))
     elif method == "abs":
         from abs_deploy.search.abs_search import abs_search
-        ckpt = abs_search(fp, data, target, cfg, lam=lam, candidates=_bits_list(candidates),
+        ckpt = abs_search(fp, data, target, cfg, lam=lam, candidates=cands,
                           max_prune=max_prune, edge_bits=edge_bits, progress=progress,
                           on_epoch_end=epoch_printer("abs"), resume_path=str(state))
     else:
