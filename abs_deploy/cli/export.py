@@ -51,7 +51,7 @@ def failing_checks(fn: Callable) -> Callable:
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True,
               help="Validation batch size.")
 @click.option("--max-images", type=click.IntRange(1), default=None,
-              help="Validate on the first N validation images only.")
+              help="Validate on the first N test images only.")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="Threads of the 'all threads' latency runs (default: every core).")
 @click.option("--runs", type=click.IntRange(50), default=50, show_default=True,

@@ -90,7 +90,7 @@ def _header_line(r: dict) -> str:
     parts = [f"<b>{esc(r['arch'])}</b>", f"stage {esc(r['stage'])}",
              f"method <b>{esc(r['method'])}</b>",
              f"dataset <b>{esc(r['dataset'])}</b> ({esc(r['accuracy'].get('images', '?'))} "
-             "validation images)", f"input {esc(r.get('input_shape'))}"]
+             "test images)", f"input {esc(r.get('input_shape'))}"]
     if opts:
         parts.append(f"ONNX opset {esc(opts.get('opset'))}, weights {esc(opts.get('weights'))}"
                      + (", simplified" if opts.get("simplified") else ""))

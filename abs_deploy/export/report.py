@@ -222,7 +222,7 @@ def markdown(r: dict) -> str:
     par = r["parity"]
     lines = [f"# Export report: {r['checkpoint']}", "",
              f"{r['arch']} ({r['stage']}, {r['method']}), input {r['input_shape']}, "
-             f"validated on {r['dataset']} ({acc['images']} images). "
+             f"validated on the test split of {r['dataset']} ({acc['images']} images). "
              f"ONNX opset {r['options']['opset']}, weights {r['options']['weights']}.", "",
              "## Totals", "",
              "| | FP original | exported | ratio |", "|---|---:|---:|---:|"]
