@@ -64,7 +64,7 @@ class Budget:
     model: str = "fashion_cnn"
     model_kwargs: str = '{"width": 8}'
     dataset: str = "fashion-mnist"
-    fp_epochs: int = 15
+    fp_epochs: int = 10
     fp_lr: float = 0.1
     search_epochs: int = 3
     ft_epochs: int = 3
@@ -251,6 +251,7 @@ def run_one(job: Job, budget: Budget, fp_path: str, dep_row: dict | None) -> dic
     from abs_deploy.train import TrainConfig
 
     torch.set_num_threads(1)
+    code = _worker_provenance()
     t0 = time.perf_counter()
     fp = load_checkpoint(fp_path, stages=("fp",))
     data = _load_data(budget)
@@ -303,7 +304,7 @@ def run_one(job: Job, budget: Budget, fp_path: str, dep_row: dict | None) -> dic
             "ratio": fp_bops / m["bops"], "seconds": time.perf_counter() - t0,
             "decision": {n: {k: d[k] for k in ("w_bits", "a_bits", "a_signed", "kept")}
                          for n, d in tuned["decision"].items()},
-            "budget": asdict(budget), **extra, **_provenance(1)}
+            "budget": asdict(budget), **extra, **code}
 
 
 class _Space:
@@ -542,6 +543,18 @@ def plot(out: dict, path: Path) -> None:
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+
+_WORKER_PROVENANCE: dict = {}
+
+
+def _worker_provenance() -> dict:
+    """The provenance of the code this worker process imported: taken once, at its first run,
+    so an edit made to the tree while the benchmark runs is not credited to runs that did not
+    execute it (a worker keeps the modules it imported)."""
+    if not _WORKER_PROVENANCE:
+        _WORKER_PROVENANCE.update(_provenance(1))
+    return dict(_WORKER_PROVENANCE)
 
 
 def _provenance(threads: int | None) -> dict:
