@@ -209,7 +209,7 @@ def run_all(todo: list[Job], store: Store, budget: Budget, fp_path: Path, n_jobs
     """Up to `n_jobs` runs at a time; a run whose input is another run waits for it."""
     import multiprocessing
 
-    pending, running = list(todo), {}
+    pending, running, failed = list(todo), {}, []
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=n_jobs, mp_context=ctx) as pool:
         while pending or running:
@@ -218,9 +218,9 @@ def run_all(todo: list[Job], store: Store, budget: Budget, fp_path: Path, n_jobs
                     break
                 dep = job.needs()
                 if dep is not None and not store.done(dep, budget):
-                    if dep in running.values() or dep in pending:
+                    if dep not in failed and (dep in running.values() or dep in pending):
                         continue
-                    _log(f"skip {job.key}: needs {dep.key}, which is not planned")
+                    _log(f"skip {job.key}: needs {dep.key}, which is not done")
                     pending.remove(job)
                     continue
                 pending.remove(job)
@@ -231,12 +231,20 @@ def run_all(todo: list[Job], store: Store, budget: Budget, fp_path: Path, n_jobs
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in finished:
                 job = running.pop(fut)
-                row = fut.result()
+                try:
+                    row = fut.result()
+                except Exception as e:  # one failed run must not end the others
+                    _log(f"FAILED {job.key}: {type(e).__name__}: {e}")
+                    failed.append(job)
+                    continue
                 store.save(job, row)
                 _log(f"done {job.key}: test top-1 {100 * row['top1']:.2f}%  "
                      f"BOPs {row['bops'] / 1e6:.2f} M ({row['ratio']:.1f}x)  "
                      f"{row['seconds']:.0f} s")
                 store.write_report(budget)
+    if failed:
+        _log(f"{len(failed)} run(s) failed: {', '.join(j.key for j in failed)}; a rerun "
+             "retries them")
 
 
 def run_one(job: Job, budget: Budget, fp_path: str, dep_row: dict | None) -> dict:
