@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from abs_deploy.quant import (
     init_weight_clip,
     int_range,
+    lsq_scaled_clip,
     scale,
     stored_weight_bits,
     weight_clip_shape,
@@ -63,8 +64,10 @@ def open_levels(gates: Tensor) -> int:
 def super_quant(x: Tensor, clip: Tensor, gates: Tensor, bits: Sequence[int],
                 signed: bool) -> Tensor:
     """`x_hat` of the nested decomposition at hard `gates` (one entry per level above the
-    first), with straight-through gradients to `x`, `clip` (as `fake_quant`) and the gates."""
-    return _SuperQuant.apply(x, clip, gates, tuple(bits), signed)
+    first), with straight-through gradients to `x`, `clip` (as `fake_quant`, LSQ's gradient
+    scale of the level the gates select included) and the gates."""
+    top_code = int_range(bits[open_levels(gates)], signed)[1]
+    return _SuperQuant.apply(x, lsq_scaled_clip(clip, x, top_code), gates, tuple(bits), signed)
 
 
 class _SuperQuant(torch.autograd.Function):
@@ -145,6 +148,7 @@ def nested_reference(x: Tensor, clip: Tensor, gates: Tensor, bits: Sequence[int]
     from abs_deploy.quant import round_ste
 
     top = bits[-1]
+    clip = lsq_scaled_clip(clip, x, int_range(bits[open_levels(gates)], signed)[1])
     codes = []
     for b in bits:
         lo, hi = int_range(b, signed)
