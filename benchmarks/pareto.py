@@ -17,7 +17,9 @@ Runs:
 - BSQ at each target (activations 4 bits, its own convention: n magnitude bits count n+1);
 - ablation `abs-pinned`: the ABS super-bit training path with every gate held at uniform 4/4
   and nothing pruned, then fine-tuned: against uniform 4/4 it isolates what the super-bit
-  training path itself costs;
+  training path itself costs; `abs-pinned-nolsq` the same with the super-bit clips trained
+  without LSQ's gradient scale (the search as it was before that fix), and `abs-nolsq` the
+  whole ABS search that way at `--ablation-target`;
 - ablation `abs-decision-fp`: the decision ABS found at `--ablation-target`, trained from the
   FP weights like the baselines (QAT + fine-tune): against ABS it separates the quality of the
   decision from the quality of the searched weights.
@@ -57,6 +59,13 @@ METHOD_CODE = ("abs_deploy/data.py", "abs_deploy/train.py", "abs_deploy/pretrain
                "abs_deploy/models/resnet.py", "benchmarks/pareto.py")
 
 
+NAMES = {"uniform": "uniform QAT", "abs": "ABS", "ptq": "prune-then-quantize", "bsq": "BSQ",
+         "abs-pinned": "ablation: ABS path pinned", "abs-pinned-nolsq":
+         "ablation: ABS path pinned, no LSQ clip scale", "abs-nolsq":
+         "ablation: ABS, no LSQ clip scale", "abs-decision-fp":
+         "ablation: ABS decision, FP weights"}
+
+
 @dataclass(frozen=True)
 class Budget:
     """What every run of one table shares; a cached run counts only if it matches."""
@@ -78,7 +87,7 @@ class Budget:
 
 @dataclass(frozen=True)
 class Job:
-    method: str            # uniform | abs | ptq | bsq | abs-pinned | abs-decision-fp
+    method: str            # uniform | abs | ptq | bsq | abs-pinned[-nolsq] | abs-nolsq | ...
     point: str             # "4/4" for uniform, a target like "64x" otherwise
     seed: int
 
@@ -100,7 +109,7 @@ def main() -> None:
     ap.add_argument("--targets", default="32x,64x,128x")
     ap.add_argument("--uniform", default="8,4,2")
     ap.add_argument("--ablation-target", default="64x")
-    ap.add_argument("--methods", default="uniform,abs,ptq,bsq,abs-pinned,abs-decision-fp")
+    ap.add_argument("--methods", default=",".join(NAMES))
     ap.add_argument("--search-epochs", type=int, default=Budget.search_epochs)
     ap.add_argument("--ft-epochs", type=int, default=Budget.ft_epochs)
     ap.add_argument("--fp-epochs", type=int, default=Budget.fp_epochs)
@@ -131,17 +140,18 @@ def main() -> None:
 
 def plan(seeds: list[int], targets: list[str], uniform: list[str], ablation_target: str,
          methods: list[str]) -> list[Job]:
-    """Seed by seed, so a run cut short still covers every method; within a seed, ABS first
-    (prune-then-quantize and one ablation start from its result)."""
-    jobs = []
-    for seed in seeds:
-        seed_jobs = [Job("abs", t, seed) for t in targets]
-        seed_jobs += [Job("uniform", f"{b}/{b}", seed) for b in uniform]
-        seed_jobs += [Job("ptq", t, seed) for t in targets]
-        seed_jobs += [Job("bsq", t, seed) for t in targets]
-        seed_jobs += [Job("abs-pinned", "4/4", seed), Job("abs-decision-fp", ablation_target, seed)]
-        jobs += [j for j in seed_jobs if j.method in methods]
-    return jobs
+    """First every seed of what acceptance and the ablations compare (ABS, uniform and
+    prune-then-quantize at `ablation_target` and 4/4, the ablations), then every seed of the
+    other points: a benchmark cut short still has its key comparison on every seed. ABS comes
+    before the runs that start from its result."""
+    t0 = ablation_target
+    key_points = [("abs", t0), ("uniform", "4/4"), ("ptq", t0), ("abs-pinned", "4/4"),
+                  ("abs-pinned-nolsq", "4/4"), ("abs-nolsq", t0), ("abs-decision-fp", t0)]
+    rest = ([("abs", t) for t in targets if t != t0]
+            + [("uniform", f"{b}/{b}") for b in uniform if b != "4"]
+            + [("ptq", t) for t in targets if t != t0] + [("bsq", t) for t in targets])
+    jobs = [Job(m, p, s) for points in (key_points, rest) for s in seeds for m, p in points]
+    return [j for j in jobs if j.method in methods]
 
 
 # --- the runs ---------------------------------------------------------------------------------
@@ -270,18 +280,21 @@ def run_one(job: Job, budget: Budget, fp_path: str, dep_row: dict | None) -> dic
                          batch_size=budget.batch_size, seed=job.seed)
     space = _Space(fp, data)
     extra: dict = {}
-    if job.method == "abs":
+    if job.method in ("abs", "abs-nolsq"):
         searched = abs_search(fp, data, bops.parse_bops(job.point, fp_bops), search_cfg,
-                              max_prune=MAX_PRUNE, refine_epochs=0)
+                              max_prune=MAX_PRUNE, refine_epochs=0,
+                              lsq_scale=job.method == "abs")
         m = searched
         extra = {"search_bops": m["search_bops"], "projection_moves": m["projection_moves"],
                  "lam": [h.get("lam") for h in m["history"] if h.get("stage") == "abs"]}
-        label = f"ABS {job.point}"
-    elif job.method == "abs-pinned":
+        label = f"ABS {job.point}" + (" (no LSQ clip scale)" if job.method != "abs" else "")
+    elif job.method in ("abs-pinned", "abs-pinned-nolsq"):
         w, a = (int(v) for v in job.point.split("/"))
         searched = abs_search(fp, data, None, search_cfg, max_prune=MAX_PRUNE,
-                              refine_epochs=0, pin_bits=(w, a))
-        label = f"ABS path pinned at {job.point}"
+                              refine_epochs=0, pin_bits=(w, a),
+                              lsq_scale=job.method == "abs-pinned")
+        label = f"ABS path pinned at {job.point}" + (
+            " (no LSQ clip scale)" if job.method != "abs-pinned" else "")
     elif job.method == "bsq":
         searched = bsq_search(fp, data, budget.bsq_alpha, budget.bsq_act_bits, search_cfg,
                               target_bops=bops.parse_bops(job.point, fp_bops))
@@ -474,13 +487,8 @@ def summarise(rows: list[dict]) -> list[dict]:
             "searched_top1_mean": statistics.fmean(r["searched_top1"] for r in rs),
             "labels": sorted({r["label"] for r in rs}),
             "seconds_mean": statistics.fmean(r["seconds"] for r in rs)})
-    order = ["uniform", "abs", "ptq", "bsq", "abs-pinned", "abs-decision-fp"]
+    order = list(NAMES)
     return sorted(points, key=lambda p: (order.index(p["method"]), -p["bops_mean"]))
-
-
-NAMES = {"uniform": "uniform QAT", "abs": "ABS", "ptq": "prune-then-quantize", "bsq": "BSQ",
-         "abs-pinned": "ablation: ABS path pinned", "abs-decision-fp":
-         "ablation: ABS decision, FP weights"}
 
 
 def markdown(out: dict) -> str:

@@ -160,3 +160,17 @@ def test_superbit_clip_learns_as_the_fixed_bit_quantizer_of_its_level(signed, pe
         grads.append((xs.grad, cs.grad))
     for fast, ref in zip(*grads, strict=True):
         assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_unscaled_clip_path_is_the_raw_lsq_gradient():
+    """`lsq_scale=False` (the ablation's old path) gives the clip the unscaled gradient."""
+    x, clip = _inputs(True, False)
+    gates = torch.ones(2)
+    up = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for scaled in (True, False):
+        cs = clip.clone().requires_grad_()
+        (super_quant(x, cs, gates, (2, 4, 8), True, lsq_scale=scaled) * up).sum().backward()
+        grads.append(cs.grad)
+    top = 2 ** 7 - 1
+    assert torch.allclose(grads[0] * (x.numel() * top) ** 0.5, grads[1], rtol=1e-4)

@@ -261,7 +261,7 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
                resume_path: str | None = None, tolerance: float = 0.05,
                refine_epochs: int = 1, gate_lr: float = GATE_LR,
                gate_margin: float | None = GATE_MARGIN,
-               pin_bits: tuple[int, int] | None = None) -> dict:
+               pin_bits: tuple[int, int] | None = None, lsq_scale: bool = True) -> dict:
     """ABS search from an `fp` checkpoint; returns a `searched` checkpoint (method "abs").
 
     `target_bops` (absolute, see `bops.parse_bops`) makes `lam` adapt and the final decision land
@@ -269,7 +269,9 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
     `resume_path`, the search state is written there after every epoch, and a search started with
     an existing file continues from it. `gate_margin` (None: thresholds at 0) is where every
     gate starts, see `start_thresholds`. `pin_bits` holds every gate at one (w, a) decision with
-    nothing pruned and no BOP loss: the super-bit training path alone, for ablations."""
+    nothing pruned and no BOP loss: the super-bit training path alone, for ablations.
+    `lsq_scale=False` trains the clips without LSQ's gradient scale, as the search did before
+    (for the ablation that measured it)."""
     cands = tuple(int(b) for b in candidates)
     if list(cands) != sorted(set(cands)) or cands[0] < 1 or cands[-1] > 8:
         raise UserError(f"candidates must be distinct ascending bitwidths in 1..8, got {cands}")
@@ -285,6 +287,8 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
     costs = bops.layer_costs(model, data.input_shape)
     fp_bops = float(bops.totals(bops.bops_table(costs))["bops"])
     net = to_superbit(model, example, cands, max_prune, edge_bits)
+    for layer in net.layers.values():
+        layer.lsq_scale = lsq_scale
     _check_target(net, target_bops)
     calibrate(model, (x for x, _ in islice(data.batches("train", 128, shuffle=True), 4)))
     if gate_margin is not None:
