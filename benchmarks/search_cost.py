@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -28,9 +29,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from provenance import load_note, provenance, provenance_markdown
 from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
+THREADS = 2   # every configuration, so their times compare
+INFLATED = "Absolute step times are inflated by the other work; the ratios are what to compare."
 CONFIGS = ("fp", "superbit", "multipath")
 DATASETS = ("digits32", "synthetic")
 
@@ -92,7 +96,7 @@ def build(config: str, data) -> tuple[nn.Module, callable]:
 def run_one(config: str, dataset: str, steps: int, batch_size: int, warmup: int) -> dict:
     from abs_deploy.data import load_dataset
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     data = load_dataset(dataset)
     model, loss_fn = build(config, data)
     model.train()
@@ -138,6 +142,7 @@ def main() -> None:
         print(json.dumps(run_one(args.one[0], args.one[1], args.steps, args.batch_size,
                                  args.warmup)))
         return
+    prov = provenance(THREADS)
     rows = []
     datasets = args.datasets.split(",")
     for dataset in datasets:
@@ -150,9 +155,13 @@ def main() -> None:
             print(rows[-1], file=sys.stderr)
     RESULTS.mkdir(exist_ok=True)
     summary = _ratios(rows, datasets)
-    (RESULTS / "search_cost.json").write_text(json.dumps({"rows": rows, "ratios": summary},
-                                                         indent=1))
-    (RESULTS / "search_cost.md").write_text(_markdown(rows, summary, args))
+    # commit and command also at the top level: that is where a reader (and the repository's
+    # hook) looks first.
+    result = {"commit": prov["commit"], "command": prov["command"], "provenance": prov,
+              "load_avg_end": [round(v, 2) for v in os.getloadavg()],
+              "rows": rows, "ratios": summary}
+    (RESULTS / "search_cost.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / "search_cost.md").write_text(_markdown(result, args))
     print((RESULTS / "search_cost.md").read_text())
 
 
@@ -170,9 +179,11 @@ def _ratios(rows: list[dict], datasets: list[str]) -> dict:
     return out
 
 
-def _markdown(rows: list[dict], ratios: dict, args) -> str:
+def _markdown(result: dict, args) -> str:
+    rows, ratios, prov = result["rows"], result["ratios"], result["provenance"]
     lines = [f"# Search step cost, ResNet-20, batch {args.batch_size}, median of {args.steps} "
-             "steps (2 threads)", "",
+             f"steps ({THREADS} threads)", "",
+             load_note(prov, result["load_avg_end"], INFLATED), "",
              "| data | model | median ms/step | p90 ms | params MB | peak step MB |",
              "|---|---|---:|---:|---:|---:|"]
     for r in rows:
@@ -186,7 +197,7 @@ def _markdown(rows: list[dict], ratios: dict, args) -> str:
                      f"{v['multipath_vs_superbit_time']:.2f}x | "
                      f"{v['multipath_vs_superbit_params']:.2f}x | "
                      f"{v['multipath_vs_superbit_peak']:.2f}x |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", provenance_markdown(prov)])
 
 
 if __name__ == "__main__":
