@@ -2,7 +2,7 @@
 
 Every result writer in `benchmarks/` calls `provenance()` when it starts (the load average is
 the one the measurements began under) and stores the dict in its .json and
-`provenance_markdown()` of it in its .md:
+`provenance_markdown()` of it in its .md (`load_note()` adds a sentence on the load):
 
     from provenance import provenance, provenance_markdown
 
@@ -64,6 +64,16 @@ def provenance_markdown(p: dict) -> str:
         f"- packages: {packages}",
         f"- CPU: {p['cpu']['model']}, {p['cpu']['cores']} cores; torch threads: {p['threads']}",
         f"- load average at start (1, 5, 15 min): {load}", ""])
+
+
+def load_note(p: dict, load_end: list[float], inflated: str) -> str:
+    """One sentence on whether other work shared the cores during the run, from the 1-minute
+    load average at its start (`p`) and end; `inflated` says what that load distorts."""
+    start, cores = p["load_avg"][0], p["cpu"]["cores"]
+    busy = start >= 0.5   # one other busy thread already shows as ~1 within a minute
+    return (("Measured under load" if busy else "Measured on an otherwise idle machine")
+            + f": 1-minute load average {start:.2f} at the start and {load_end[0]:.2f} at the "
+            f"end, on {cores} cores." + (f" {inflated}" if busy else ""))
 
 
 def _git(*args: str) -> str | None:

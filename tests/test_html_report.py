@@ -4,6 +4,7 @@ section is missing, and shows its plots in a real browser when one is installed.
 
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -392,20 +393,46 @@ def _browser() -> str | None:
     return None
 
 
+def _browser_or_skip() -> str:
+    """The browser to render with. CI installs one (.ci/run), so there a missing browser is a
+    failure: a skip would let the only check that the page draws its plots vanish unnoticed."""
+    found = _browser()
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but no Chromium or Chrome was found (tried /usr/bin/chromium, "
+                        "chromium, chromium-browser, google-chrome); .ci/run installs Debian's "
+                        "chromium before `make test` when it runs as root or with CI=true",
+                        pytrace=False)
+        pytest.skip("no Chromium or Chrome on this machine")
+    return found
+
+
+@pytest.mark.parametrize("ci, outcome", [("true", pytest.fail.Exception),
+                                         (None, pytest.skip.Exception)])
+def test_missing_browser_fails_in_ci_and_skips_elsewhere(monkeypatch, ci, outcome):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome):
+        _browser_or_skip()
+
+
 # The plots' fill colours (html_report._CSS): weight bits, activation bits, kept filters,
 # compressed BOPs, QCDQ latency.
 PLOT_COLOURS = {"weights": (0x4C, 0x78, 0xA8), "activations": (0xF5, 0x85, 0x18),
                 "kept": (0x54, 0xA2, 0x4B), "compressed BOPs": (0xE4, 0x57, 0x56)}
 
 
-@pytest.mark.skipif(_browser() is None, reason="no Chromium or Chrome on this machine")
 def test_page_shows_its_plots_in_headless_chromium(tmp_path):
     from matplotlib.image import imread
 
+    browser = _browser_or_skip()
     page = tmp_path / "report.html"
     page.write_text(render(_report()))
     shot = tmp_path / "shot.png"
-    subprocess.run([_browser(), "--headless", "--no-sandbox", "--disable-gpu",
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
                     "--hide-scrollbars", "--no-first-run", f"--user-data-dir={tmp_path / 'p'}",
                     f"--screenshot={shot}", "--window-size=1280,2200", page.as_uri()],
                    capture_output=True, timeout=120, check=False)
