@@ -73,8 +73,8 @@ def _report(rows: list[dict] | None = None) -> dict:
     timings = [Timing(m, b, t, med * b * (1 + 0.3 * (t - 1)), med * b * 1.4, 50)
                for t in (1, 2) for b in (1, 32)
                for m, med in (("fp_original", 0.30), ("fp_pruned", 0.22), ("qcdq", 0.15))]
-    parity = {"logits_rel": 1e-7, "top1_agreement": 1.0, "codes_equal": 0.99999,
-              "codes_max_diff": 1, "passed": True, "failure": None}
+    parity = {"logits_rel": 1e-7, "end_to_end_logits_rel": 0.136, "top1_agreement": 1.0,
+              "codes_equal": 0.99999, "codes_max_diff": 1, "passed": True, "failure": None}
     return {
         "format": report.FORMAT, "checkpoint": "runs/r20/model.pt", "stage": "finetuned",
         "method": "abs", "arch": "resnet20", "dataset": "cifar10", "input_shape": [1, 3, 32, 32],
@@ -444,3 +444,13 @@ def test_page_shows_its_plots_in_headless_chromium(tmp_path):
     for what, colour in PLOT_COLOURS.items():
         share = (abs(rgb - colour) <= 6).all(axis=2).mean()
         assert share > 0.002, f"{what} ({colour}) covers only {share:.3%} of the screenshot"
+
+
+def test_both_views_say_what_each_parity_check_compares_with_the_end_to_end_logits():
+    """The off-mode limit applies to the last segment fed the reference's codes; the file's own
+    end-to-end logits difference (here 0.136) must be shown too, in report.md and report.html."""
+    rep = _report()
+    for text in (render(rep), report.markdown(rep)):
+        assert "last segment (after the last quantizer) fed the reference" in text
+        assert "end to end: logits 1.4e-01 relative" in text
+        assert "Fed the reference" in text and "limit 1e-4" in text
