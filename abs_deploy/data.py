@@ -1,12 +1,18 @@
-"""Datasets: the embedded digits (and its 32x32 RGB form for CIFAR architectures), CIFAR-10/100
-from a local python-pickle folder, and synthetic tensors for timing.
+"""Datasets: the embedded digits (and its 32x32 RGB form for CIFAR architectures),
+Fashion-MNIST from its four idx files, CIFAR-10/100 from a local python-pickle folder, image
+folders, and synthetic tensors for timing.
 
-Images are kept in memory in [0, 1] (as uint8 for CIFAR: a quarter of the float size), and
-normalised per batch with the dataset's mean/std, which travel in the checkpoint.
+Every dataset has three splits (DESIGN §12): `train` (weights), `val` (everything that chooses:
+best epoch, controllers) carved from the training data with a fixed seed, and `test` (what is
+reported), which nothing that chooses ever reads.
+
+Images are kept in memory in [0, 1] (as uint8 for CIFAR and Fashion-MNIST: a quarter of the
+float size), and normalised per batch with the dataset's mean/std, which travel in the checkpoint.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import importlib.util
 import pickle
@@ -21,7 +27,27 @@ from torch import Tensor
 
 from abs_deploy.errors import UserError
 
-DATASETS = ("digits", "digits32", "cifar10", "cifar100", "imagefolder", "synthetic")
+DATASETS = ("digits", "digits32", "fashion-mnist", "cifar10", "cifar100", "imagefolder",
+            "synthetic")
+SPLITS = ("train", "val", "test")
+# Where Debian's `dataset-fashion-mnist` package puts the four idx files.
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_VAL = 5000
+CIFAR_VAL = 5000
+DIGITS_VAL = 240
+# Fashion-MNIST's four idx files: (images, labels) per split, with the count and the SHA-256 of
+# the decompressed content (Debian recompresses the .gz files, so their own digests differ from
+# the published ones; the content is the same 60,000 + 10,000 images).
+_FASHION = {
+    "train": (("train-images-idx3-ubyte.gz", 60000,
+               "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+              ("train-labels-idx1-ubyte.gz", 60000,
+               "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9")),
+    "test": (("t10k-images-idx3-ubyte.gz", 10000,
+              "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+             ("t10k-labels-idx1-ubyte.gz", 10000,
+              "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34")),
+}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 # The files of the standard `cifar-*-python` archives and their MD5 sums (as published with them).
@@ -44,8 +70,10 @@ class Dataset:
     name: str
     train_x: Tensor              # N x C x H x W, uint8 or float in [0, 1]
     train_y: Tensor
-    val_x: Tensor
+    val_x: Tensor                # carved from the training data: what chooses reads this
     val_y: Tensor
+    test_x: Tensor               # what is reported; nothing that chooses reads it
+    test_y: Tensor
     num_classes: int
     mean: list[float]
     std: list[float]
@@ -54,7 +82,15 @@ class Dataset:
 
     @property
     def input_shape(self) -> list[int]:
-        return [1, *self.val_x.shape[1:]]
+        return [1, *self.test_x.shape[1:]]
+
+    def split(self, name: str) -> tuple[Tensor, Tensor]:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split '{name}'; known: {', '.join(SPLITS)}")
+        return getattr(self, f"{name}_x"), getattr(self, f"{name}_y")
+
+    def split_sizes(self) -> dict[str, int]:
+        return {name: len(self.split(name)[1]) for name in SPLITS}
 
     def input_spec(self) -> dict:
         return {"shape": self.input_shape, "mean": self.mean, "std": self.std,
@@ -69,7 +105,7 @@ class Dataset:
     def batches(self, split: str, batch_size: int, shuffle: bool = False,
                 seed: int = 0, augment: bool | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         """Normalised (x, y) batches; deterministic for a given seed."""
-        x, y = (self.train_x, self.train_y) if split == "train" else (self.val_x, self.val_y)
+        x, y = self.split(split)
         augment = self.augment and split == "train" if augment is None else augment
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(x), generator=gen) if shuffle else torch.arange(len(x))
@@ -81,8 +117,7 @@ class Dataset:
             yield self.normalize(xb), y[idx]
 
     def num_batches(self, split: str, batch_size: int) -> int:
-        n = len(self.train_x) if split == "train" else len(self.val_x)
-        return (n + batch_size - 1) // batch_size
+        return (len(self.split(split)[1]) + batch_size - 1) // batch_size
 
 
 def load_dataset(name: str, data_dir: str | None = None, verify: bool = True,
@@ -92,6 +127,8 @@ def load_dataset(name: str, data_dir: str | None = None, verify: bool = True,
         return _digits(upsample=False)
     if name == "digits32":
         return _digits(upsample=True)
+    if name == "fashion-mnist":
+        return _fashion_mnist(Path(data_dir) if data_dir else FASHION_MNIST_DIR, verify)
     if name in _CIFAR:
         if not data_dir:
             raise UserError(f"dataset {name} needs --data-dir (the folder holding "
@@ -121,15 +158,38 @@ def _digits(upsample: bool) -> Dataset:
     images, target = _digits_arrays()
     x = torch.tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(target, dtype=torch.long)
-    # Fixed stratified split: 1,437 train / 360 val, the same on every machine.
-    tr, va = torch.tensor(TRAIN), torch.tensor(VAL)
+    # The fixed stratified 1,437 / 360 split of scikit-learn: its 360 are the test split, and
+    # the validation split is carved out of the 1,437 (DIGITS_VAL of them, per class).
+    tr, te = torch.tensor(TRAIN), torch.tensor(VAL)
+    fit, val = carve_validation(y[tr], DIGITS_VAL)
+    tr, va = tr[fit], tr[val]
     if upsample:
         x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
         x = x.clamp(0, 1).repeat(1, 3, 1, 1)
     mean = x[tr].mean(dim=(0, 2, 3)).tolist()
     std = x[tr].std(dim=(0, 2, 3)).tolist()
-    return Dataset("digits32" if upsample else "digits", x[tr], y[tr], x[va], y[va], 10,
-                   mean, std, augment=False)
+    return Dataset("digits32" if upsample else "digits", x[tr], y[tr], x[va], y[va], x[te], y[te],
+                   10, mean, std, augment=False)
+
+
+def carve_validation(y: Tensor, n_val: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Indices (train, val) into `y`: `n_val` images taken per class in proportion to its size,
+    at random with a fixed seed, so the split is the same on every machine. Both sorted."""
+    gen = torch.Generator().manual_seed(seed)
+    classes, counts = torch.unique(y, return_counts=True)
+    # Largest remainder: the shares add up to n_val exactly; every class keeps a training image.
+    quota = n_val * counts.double() / len(y)
+    share = quota.floor().long()
+    for i in torch.argsort(quota - share, descending=True)[:n_val - int(share.sum())]:
+        share[i] += 1
+    share = torch.minimum(share, counts - 1)
+    picked = []
+    for c, k in zip(classes.tolist(), share.tolist(), strict=True):
+        idx = torch.nonzero(y == c).flatten()
+        picked.append(idx[torch.randperm(len(idx), generator=gen)[:k]])
+    is_val = torch.zeros(len(y), dtype=torch.bool)
+    is_val[torch.cat(picked)] = True
+    return torch.nonzero(~is_val).flatten(), torch.nonzero(is_val).flatten()
 
 
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -157,14 +217,88 @@ def _cifar(name: str, root: Path, verify: bool) -> Dataset:
             got = hashlib.md5((base / fname).read_bytes()).hexdigest()
             if got != md5:
                 raise UserError(f"{name}: {base / fname} has MD5 {got}, expected {md5} "
-                                "(corrupt or not the official file; --no-verify to skip)")
+                                "(corrupt or not the official file)")
     train = [f for f in files if f.startswith(("data_batch", "train"))]
     test = [f for f in files if f.startswith("test")]
-    tx, ty = _read_batches(base, train, label_key)
-    vx, vy = _read_batches(base, test, label_key)
+    x, y = _read_batches(base, train, label_key)
+    test_x, test_y = _read_batches(base, test, label_key)
+    return _with_validation(name, x, y, test_x, test_y, num_classes,
+                            min(CIFAR_VAL, len(y) // 10), augment=True)
+
+
+def _with_validation(name: str, x: Tensor, y: Tensor, test_x: Tensor, test_y: Tensor,
+                     num_classes: int, n_val: int, augment: bool) -> Dataset:
+    """The training images split into train and `n_val` validation images; mean/std from the
+    train part."""
+    fit, val = carve_validation(y, n_val)
+    tx = x[fit]
     mean = (tx.float().mean(dim=(0, 2, 3)) / 255).tolist()
-    std = (tx.float().std(dim=(0, 2, 3)) / 255).tolist()
-    return Dataset(name, tx, ty, vx, vy, num_classes, mean, std, augment=True)
+    std = (tx.float().std(dim=(0, 2, 3)) / 255).clamp_min(1e-3).tolist()
+    return Dataset(name, tx, y[fit], x[val], y[val], test_x, test_y, num_classes, mean, std,
+                   augment=augment)
+
+
+def _fashion_mnist(root: Path, verify: bool) -> Dataset:
+    """The four standard idx files (gzip), from `root` (default: Debian's package folder)."""
+    names = [f for pair in _FASHION.values() for f, _, _ in pair]
+    missing = [n for n in names if not (root / n).is_file()]
+    if missing:
+        hint = (" (apt-get install dataset-fashion-mnist puts them in "
+                f"{FASHION_MNIST_DIR})" if root == FASHION_MNIST_DIR else "")
+        raise UserError(f"fashion-mnist: {root} lacks {', '.join(missing)}{hint}")
+    arrays = {}
+    for split, ((img_file, count, img_sha), (lbl_file, _, lbl_sha)) in _FASHION.items():
+        images = read_idx(root / img_file, ndim=3, count=count,
+                          sha256=img_sha if verify else None)
+        labels = read_idx(root / lbl_file, ndim=1, count=count,
+                          sha256=lbl_sha if verify else None)
+        if images.shape[1:] != (28, 28):
+            raise UserError(f"fashion-mnist: {root / img_file} holds {images.shape[1]}x"
+                            f"{images.shape[2]} images, expected 28x28")
+        if labels.max() > 9:
+            raise UserError(f"fashion-mnist: {root / lbl_file} has label {labels.max()}; "
+                            "expected 0-9")
+        arrays[split] = (torch.from_numpy(images.copy()).unsqueeze(1),
+                         torch.from_numpy(labels.astype(np.int64)))
+    (x, y), (test_x, test_y) = arrays["train"], arrays["test"]
+    return _with_validation("fashion-mnist", x, y, test_x, test_y, 10, FASHION_MNIST_VAL,
+                            augment=False)
+
+
+_IDX_DTYPES = {0x08: np.uint8}
+
+
+def read_idx(path: Path, ndim: int, count: int | None = None,
+             sha256: str | None = None) -> np.ndarray:
+    """An idx file (LeCun's MNIST format, gzip-compressed or not): a 4-byte magic number
+    (0, 0, type 0x08 = uint8, number of dimensions), one big-endian uint32 per dimension, then
+    the data. Checks the magic, the sizes against the header, `count` items and `sha256` of the
+    decompressed content; any mismatch is a one-line UserError naming the file."""
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise UserError(f"{path}: cannot read it as an idx file ({e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES \
+            or raw[3] != ndim:
+        raise UserError(f"{path}: not an idx file of {ndim} dimension(s) (magic number "
+                        f"{raw[:4].hex() or 'missing'}, expected 000008{ndim:02x})")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise UserError(f"{path}: truncated idx header ({len(raw)} bytes)")
+    dims = [int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    expected = header + int(np.prod(dims))
+    if len(raw) != expected:
+        raise UserError(f"{path}: {len(raw)} bytes where the header ({' x '.join(map(str, dims))})"
+                        f" needs {expected}: truncated or padded")
+    if count is not None and dims[0] != count:
+        raise UserError(f"{path}: holds {dims[0]} items, expected {count}")
+    if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256:
+        raise UserError(f"{path}: content checksum differs from the published Fashion-MNIST "
+                        "files (corrupt, or another dataset)")
+    dtype = _IDX_DTYPES[raw[2]]
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)
 
 
 def _read_batches(base: Path, names: list[str], label_key: bytes) -> tuple[Tensor, Tensor]:
@@ -196,32 +330,31 @@ class _SafeUnpickler(pickle.Unpickler):
 
 
 def _image_folder(root: Path, size: int) -> Dataset:
-    """Images in one subfolder per class, as `root/train/<class>/` and `root/val/<class>/`, or
-    `root/<class>/` split 80/20 per class with a fixed seed. Each image is resized (shorter side)
-    and centre-cropped to `size` once, on load, and kept in memory as uint8."""
+    """Images in one subfolder per class, as `root/train/<class>/` and `root/val/<class>/` (the
+    ImageNet layout: `val/` is what is reported, so it is the test split, and a tenth of
+    `train/` is carved out for validation), or `root/<class>/`, split 70/10/20 per class with a
+    fixed seed. Each image is resized (shorter side) and centre-cropped to `size` once, on load,
+    and kept in memory as uint8."""
     if not root.is_dir():
         raise UserError(f"imagefolder: {root} is not a folder")
     if (root / "train").is_dir() and (root / "val").is_dir():
         classes = _class_names(root / "train")
-        tx, ty = _read_images(root / "train", classes, size)
-        vx, vy = _read_images(root / "val", classes, size)
+        x, y = _read_images(root / "train", classes, size)
+        test_x, test_y = _read_images(root / "val", classes, size)
     else:
         classes = _class_names(root)
         x, y = _read_images(root, classes, size)
-        gen = torch.Generator().manual_seed(0)
-        val_idx = []
-        for c in range(len(classes)):
-            idx = torch.nonzero(y == c).flatten()
-            idx = idx[torch.randperm(len(idx), generator=gen)]
-            val_idx.append(idx[:max(1, len(idx) // 5)])
-        is_val = torch.zeros(len(y), dtype=torch.bool)
-        is_val[torch.cat(val_idx)] = True
-        tx, ty, vx, vy = x[~is_val], y[~is_val], x[is_val], y[is_val]
-    if len(tx) == 0 or len(vx) == 0:
-        raise UserError(f"imagefolder: {root} needs images for both training and validation")
-    mean = (tx.float().mean(dim=(0, 2, 3)) / 255).tolist()
-    std = (tx.float().std(dim=(0, 2, 3)) / 255).clamp_min(1e-3).tolist()
-    ds = Dataset("imagefolder", tx, ty, vx, vy, len(classes), mean, std, augment=True)
+        rest, test = carve_validation(y, len(y) // 5, seed=1)
+        x, y, test_x, test_y = x[rest], y[rest], x[test], y[test]
+    if len(classes) < 2:
+        raise UserError(f"imagefolder: {root} has one class ({classes[0]}); a classifier needs "
+                        "two or more class subfolders")
+    ds = _with_validation("imagefolder", x, y, test_x, test_y, len(classes),
+                          max(len(classes), len(y) // 10), augment=True)
+    for name, n in ds.split_sizes().items():
+        if n == 0:
+            raise UserError(f"imagefolder: {root} has too few images to fill the {name} split "
+                            "(each class needs at least 3 images)")
     ds.extra["classes"] = classes
     return ds
 
@@ -259,15 +392,17 @@ def _read_images(folder: Path, classes: list[str], size: int) -> tuple[Tensor, T
 
 
 def _synthetic(shape: tuple[int, int, int], num_classes: int, n_train: int = 256,
-               n_val: int = 64) -> Dataset:
+               n_val: int = 64, n_test: int = 64) -> Dataset:
     """Random images: for timing only, accuracy on them means nothing."""
     gen = torch.Generator().manual_seed(0)
     tx = torch.rand(n_train, *shape, generator=gen)
     vx = torch.rand(n_val, *shape, generator=gen)
     ty = torch.randint(0, num_classes, (n_train,), generator=gen)
     vy = torch.randint(0, num_classes, (n_val,), generator=gen)
+    ex = torch.rand(n_test, *shape, generator=gen)
+    ey = torch.randint(0, num_classes, (n_test,), generator=gen)
     c = shape[0]
-    return Dataset("synthetic", tx, ty, vx, vy, num_classes, [0.5] * c, [0.29] * c)
+    return Dataset("synthetic", tx, ty, vx, vy, ex, ey, num_classes, [0.5] * c, [0.29] * c)
 
 
 def _crop_flip(x: Tensor, gen: torch.Generator) -> Tensor:

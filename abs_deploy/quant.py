@@ -60,9 +60,16 @@ def fake_quant(x: Tensor, clip: Tensor, bits: int, signed: bool) -> Tensor:
     clip's gradient sums over every element it quantizes: on the BN-folded ResNet-20 it grew
     large enough at lr 0.01 to wreck fine-tune (10-20% top-1; 99.44% with the scale)."""
     lo, hi = int_range(bits, signed)
-    per_clip = max(x.numel() // max(clip.numel(), 1), 1)
-    s = scale(_GradScale.apply(clip, 1.0 / math.sqrt(per_clip * max(hi, 1))), bits, signed)
+    s = scale(lsq_scaled_clip(clip, x, hi), bits, signed)
     return torch.clamp(round_ste(x / s), lo, hi) * s
+
+
+def lsq_scaled_clip(clip: Tensor, x: Tensor, top_code: int) -> Tensor:
+    """`clip` unchanged forward; its gradient times LSQ's 1 / sqrt(elements per clip * top
+    code) backward. Every quantizer that trains a clip (fixed-bit and super-bit) goes through
+    this, so a clip learns at the same rate whichever path trains it."""
+    per_clip = max(x.numel() // max(clip.numel(), 1), 1)
+    return _GradScale.apply(clip, 1.0 / math.sqrt(per_clip * max(top_code, 1)))
 
 
 class _GradScale(torch.autograd.Function):

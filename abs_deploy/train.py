@@ -1,5 +1,6 @@
 """The training loop every stage shares (pretrain, QAT, search, fine-tune): SGD with cosine
-learning rate, best-on-validation weights kept, deterministic for a seed.
+learning rate, best-on-validation weights kept, deterministic for a seed. The validation split
+chooses (best epoch); reported accuracy is on the test split, which nothing here chooses by.
 
 Progress display is injected (`progress`), so the library never prints.
 """
@@ -112,9 +113,17 @@ def _param_groups(source: nn.Module | Iterable[Tensor], weight_decay: float) -> 
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
 
 
+def accuracy_metrics(model: nn.Module, data: Dataset) -> dict:
+    """What a checkpoint reports: `top1` on the test split, `val_top1` on the validation split
+    (the one that chose the weights), and which split each is, with their sizes."""
+    return {"top1": evaluate(model, data, "test"), "val_top1": evaluate(model, data, "val"),
+            "splits": {"top1": "test", "val_top1": "val", **{
+                f"{k}_images": v for k, v in data.split_sizes().items()}}}
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Dataset, split: str = "val", batch_size: int = 256) -> float:
-    """Top-1 accuracy in eval mode."""
+    """Top-1 accuracy in eval mode on `split` ("val" for choosing, "test" for reporting)."""
     was_training = model.training
     model.eval()
     correct = total = 0

@@ -26,9 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import load_note, provenance, provenance_markdown
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-
+INFLATED = ("Wall times and latencies are inflated by the other work; the speed ratios (the "
+            "models take turns run by run) are what to compare.")
 
 
 def build_checkpoint(path: Path) -> None:
@@ -49,6 +52,9 @@ def main() -> None:
                     help="also --check-runtime openvino (its latency rows too)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
+    # abs-export runs with torch's default thread count, the one recorded here; the latency
+    # rows name their own.
+    prov = provenance()
     exe = Path(sys.executable).with_name("abs-export")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "resnet20_half_w4a4.pt"
@@ -65,11 +71,15 @@ def main() -> None:
             walls.append(time.perf_counter() - t0)
             report = json.loads((out / "report.json").read_text())
             print(f"run {i + 1}: {walls[-1]:.1f} s wall", flush=True)
-    result = {"wall_s": walls, "wall_median_s": statistics.median(walls),
+    # commit and command also at the top level: that is where a reader (and the repository's
+    # hook) looks first.
+    result = {"commit": prov["commit"], "command": prov["command"], "provenance": prov,
+              "wall_s": walls, "wall_median_s": statistics.median(walls),
               "steps_s": report["seconds"], "latency": report["latency"],
-              "totals": report["totals"], "load_average": os.getloadavg(),
-              "command": "abs-export ck.pt --onnx" + (" --check-runtime openvino"
-                                                      if args.openvino else "")}
+              "totals": report["totals"],
+              "load_avg_end": [round(v, 2) for v in os.getloadavg()],
+              "export_command": "abs-export ck.pt --onnx" + (" --check-runtime openvino"
+                                                             if args.openvino else "")}
     args.results.mkdir(parents=True, exist_ok=True)
     stem = "export_resnet20_openvino" if args.openvino else "export_resnet20"
     (args.results / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -82,10 +92,10 @@ def markdown(r: dict) -> str:
 
     lat = r["latency"]
     lines = ["# abs-export on ResNet-20 (digits32), half the inner channels pruned, 4/4 bits", "",
-             f"`{r['command']}` in a fresh process: wall time {r['wall_median_s']:.1f} s "
+             f"`{r['export_command']}` in a fresh process: wall time {r['wall_median_s']:.1f} s "
              f"(median of {len(r['wall_s'])} runs: "
-             + ", ".join(f"{w:.1f}" for w in r["wall_s"]) + " s), Python start-up included. "
-             f"Load average at the end: {', '.join(f'{v:.2f}' for v in r['load_average'])}.", "",
+             + ", ".join(f"{w:.1f}" for w in r["wall_s"]) + " s), Python start-up included.", "",
+             load_note(r["provenance"], r["load_avg_end"], INFLATED), "",
              "Steps of the last run (s): " + ", ".join(f"{k} {v:.1f}" for k, v in
                                                       r["steps_s"].items()), "",
              f"Latency: {lat['cpu']}; median / p90 ms over {lat['rows'][0]['runs']} runs after "
@@ -100,7 +110,8 @@ def markdown(r: dict) -> str:
                      + (f"{speed:.2f}x |" if speed else "n/a |"))
     t = r["totals"]["ratios"]
     lines += ["", f"BOPs {t['bops']:.1f}x fewer, MACs {t['macs']:.2f}x, parameters "
-              f"{t['params']:.2f}x, file {t['file_bytes']:.1f}x smaller than the FP original.", ""]
+              f"{t['params']:.2f}x, file {t['file_bytes']:.1f}x smaller than the FP original.", "",
+              provenance_markdown(r["provenance"])]
     return "\n".join(lines)
 
 

@@ -8,9 +8,13 @@ optimiser (SGD, momentum) for all three.
 Each configuration runs in its own subprocess so its peak memory is its own: `peak_step_mb` is the
 growth of the process's peak resident set over the timed steps (activations, gradients, optimizer
 state), `param_mb` the bytes of its trainable parameters. Times are medians over many steps after
-a warm-up.
+a warm-up, both wall-clock and the process's CPU time (all its threads). One torch thread by
+default: then a step's CPU time hardly depends on other work on the machine, and its ratios hold
+on a shared one. With more threads, threads waiting on each other make both clocks depend on
+the load (measured here: super-bit / FP 13.6x with 2 threads at load 4 on 2 cores, against
+1.3x with one thread and about 1.5x with 2 threads on the idle machine).
 
-    python benchmarks/search_cost.py [--steps 30] [--batch-size 64]
+    python benchmarks/search_cost.py [--steps 30] [--batch-size 64] [--threads 1]
 
 writes benchmarks/results/search_cost.json and .md.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -28,9 +33,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from provenance import load_note, provenance, provenance_markdown
 from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
+INFLATED = ("Wall-clock step times are inflated by the other work; the ratios are what to "
+            "compare, CPU-time ones above all (with one thread they hardly depend on the load).")
 CONFIGS = ("fp", "superbit", "multipath")
 DATASETS = ("digits32", "synthetic")
 
@@ -89,10 +97,11 @@ def build(config: str, data) -> tuple[nn.Module, callable]:
     return model, lambda logits, y: F.cross_entropy(logits, y)
 
 
-def run_one(config: str, dataset: str, steps: int, batch_size: int, warmup: int) -> dict:
+def run_one(config: str, dataset: str, steps: int, batch_size: int, warmup: int,
+            threads: int) -> dict:
     from abs_deploy.data import load_dataset
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     data = load_dataset(dataset)
     model, loss_fn = build(config, data)
     model.train()
@@ -104,25 +113,28 @@ def run_one(config: str, dataset: str, steps: int, batch_size: int, warmup: int)
         batches += list(data.batches("train", batch_size, shuffle=True, seed=len(batches)))
     batches = [b for b in batches if len(b[1]) == batch_size][:steps + warmup]
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
+    times, cpu_times = [], []
     for i, (x, y) in enumerate(batches):
         # The super-bit search alternates weight and activation gate steps; so does this.
         for p in thresholds:
             p.requires_grad_(i % 2 == 0)
         for p in a_thresholds:
             p.requires_grad_(i % 2 == 1)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = loss_fn(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"config": config, "dataset": dataset, "batch_size": batch_size, "steps": steps,
-            "median_ms": 1e3 * statistics.median(times),
-            "p90_ms": 1e3 * sorted(times)[int(0.9 * (len(times) - 1))],
+            "threads": threads, "median_ms": 1e3 * statistics.median(times),
+            "median_cpu_ms": 1e3 * statistics.median(cpu_times),
+            # the interpolated 90th percentile, as the export's latency table computes it
+            "p90_ms": 1e3 * statistics.quantiles(times, n=10, method="inclusive")[-1],
             "param_mb": params / 2**20, "peak_step_mb": max(rss1 - rss0, 0) / 1024}
 
 
@@ -131,28 +143,35 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of every configuration")
     ap.add_argument("--datasets", default=",".join(DATASETS))
     ap.add_argument("--one", nargs=2, metavar=("CONFIG", "DATASET"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one[0], args.one[1], args.steps, args.batch_size,
-                                 args.warmup)))
+                                 args.warmup, args.threads)))
         return
+    prov = provenance(args.threads)
     rows = []
     datasets = args.datasets.split(",")
     for dataset in datasets:
         for config in CONFIGS:
             out = subprocess.run([sys.executable, __file__, "--one", config, dataset,
                                   "--steps", str(args.steps), "--warmup", str(args.warmup),
-                                  "--batch-size", str(args.batch_size)],
+                                  "--batch-size", str(args.batch_size),
+                                  "--threads", str(args.threads)],
                                  check=True, capture_output=True, text=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(rows[-1], file=sys.stderr)
     RESULTS.mkdir(exist_ok=True)
     summary = _ratios(rows, datasets)
-    (RESULTS / "search_cost.json").write_text(json.dumps({"rows": rows, "ratios": summary},
-                                                         indent=1))
-    (RESULTS / "search_cost.md").write_text(_markdown(rows, summary, args))
+    # commit and command also at the top level: that is where a reader (and the repository's
+    # hook) looks first.
+    result = {"commit": prov["commit"], "command": prov["command"], "provenance": prov,
+              "load_avg_end": [round(v, 2) for v in os.getloadavg()],
+              "rows": rows, "ratios": summary}
+    (RESULTS / "search_cost.json").write_text(json.dumps(result, indent=1) + "\n")
+    (RESULTS / "search_cost.md").write_text(_markdown(result, args))
     print((RESULTS / "search_cost.md").read_text())
 
 
@@ -162,31 +181,39 @@ def _ratios(rows: list[dict], datasets: list[str]) -> dict:
         r = {row["config"]: row for row in rows if row["dataset"] == dataset}
         out[dataset] = {
             "superbit_vs_fp_time": r["superbit"]["median_ms"] / r["fp"]["median_ms"],
+            "superbit_vs_fp_cpu": r["superbit"]["median_cpu_ms"] / r["fp"]["median_cpu_ms"],
             "multipath_vs_superbit_time": r["multipath"]["median_ms"] /
             r["superbit"]["median_ms"],
+            "multipath_vs_superbit_cpu": r["multipath"]["median_cpu_ms"] /
+            r["superbit"]["median_cpu_ms"],
             "multipath_vs_superbit_params": r["multipath"]["param_mb"] / r["superbit"]["param_mb"],
             "multipath_vs_superbit_peak": r["multipath"]["peak_step_mb"] /
             max(r["superbit"]["peak_step_mb"], 1e-9)}
     return out
 
 
-def _markdown(rows: list[dict], ratios: dict, args) -> str:
+def _markdown(result: dict, args) -> str:
+    rows, ratios, prov = result["rows"], result["ratios"], result["provenance"]
     lines = [f"# Search step cost, ResNet-20, batch {args.batch_size}, median of {args.steps} "
-             "steps (2 threads)", "",
-             "| data | model | median ms/step | p90 ms | params MB | peak step MB |",
-             "|---|---|---:|---:|---:|---:|"]
+             f"steps ({args.threads} thread{'s' if args.threads > 1 else ''})", "",
+             load_note(prov, result["load_avg_end"], INFLATED), "",
+             "| data | model | median ms/step | p90 ms | median CPU ms/step | params MB | "
+             "peak step MB |", "|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['dataset']} | {r['config']} | {r['median_ms']:.1f} | "
-                     f"{r['p90_ms']:.1f} | {r['param_mb']:.2f} | {r['peak_step_mb']:.1f} |")
-    lines += ["", "| data | super-bit / FP time | multi-path / super-bit time | "
+                     f"{r['p90_ms']:.1f} | {r['median_cpu_ms']:.1f} | {r['param_mb']:.2f} | "
+                     f"{r['peak_step_mb']:.1f} |")
+    lines += ["", "Time ratios as wall-clock / CPU time.", "",
+              "| data | super-bit / FP time | multi-path / super-bit time | "
               "multi-path / super-bit params | multi-path / super-bit peak |",
               "|---|---:|---:|---:|---:|"]
     for d, v in ratios.items():
-        lines.append(f"| {d} | {v['superbit_vs_fp_time']:.2f}x | "
-                     f"{v['multipath_vs_superbit_time']:.2f}x | "
+        lines.append(f"| {d} | {v['superbit_vs_fp_time']:.2f}x / {v['superbit_vs_fp_cpu']:.2f}x | "
+                     f"{v['multipath_vs_superbit_time']:.2f}x / "
+                     f"{v['multipath_vs_superbit_cpu']:.2f}x | "
                      f"{v['multipath_vs_superbit_params']:.2f}x | "
                      f"{v['multipath_vs_superbit_peak']:.2f}x |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", provenance_markdown(prov)])
 
 
 if __name__ == "__main__":

@@ -178,3 +178,23 @@ def test_interrupted_search_resumes_from_its_last_epoch(fp_digits, small_digits,
     assert resumed["decision"] == full["decision"]
     for k, v in full["state_dict"].items():
         assert torch.allclose(v.float(), resumed["state_dict"][k].float(), atol=1e-6), k
+
+
+def test_pinned_search_keeps_the_uniform_decision_and_trains(fp_digits, small_digits):
+    """The ablation path: every gate held at 4/4, nothing pruned, no projection, weights still
+    trained (the searched weights differ from the FP ones)."""
+    ckpt = abs_search(fp_digits, small_digits, None, TrainConfig(epochs=1, lr=0.01),
+                      pin_bits=(4, 4), refine_epochs=0)
+    costs = bops.layer_costs(model_from_checkpoint(fp_digits), (1, 1, 8, 8))
+    expected = bops.default_bits(costs, 4, 4, 8)
+    for name, d in ckpt["decision"].items():
+        assert (d["w_bits"], d["a_bits"]) == expected[name]
+        assert len(d["kept"]) == dict((c.name, c.c_out) for c in costs)[name]
+    assert ckpt["metrics"]["bops"] == bops.totals(bops.bops_table(costs, expected))["bops"]
+    fp_w = fp_digits["state_dict"]["block1.conv1.weight"]
+    assert not torch.equal(ckpt["state_dict"]["block1.conv1.weight"], fp_w)
+
+
+def test_pinned_bits_outside_the_candidates_are_refused(fp_digits, small_digits):
+    with pytest.raises(UserError, match="not among the candidates"):
+        abs_search(fp_digits, small_digits, None, TrainConfig(epochs=1), pin_bits=(3, 3))

@@ -214,7 +214,7 @@ def test_bsq_checkpoint_is_a_complete_decision_export_can_read(bsq_digits, digit
         assert torch.allclose(state[f"{name}.w_clip"], s.flatten() * 2**n)
     loaded = load_checkpoint(save_checkpoint(ckpt, tmp_path / "bsq.pt"))
     model = model_from_checkpoint(loaded)
-    assert evaluate(model, digits) == ckpt["metrics"]["top1"]
+    assert evaluate(model, digits, "test") == ckpt["metrics"]["top1"]
 
 
 def test_bad_search_arguments_are_one_line_user_errors(fp_digits, digits):

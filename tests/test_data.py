@@ -10,11 +10,22 @@ from abs_deploy.errors import UserError
 
 
 def test_digits_split_is_fixed_and_stratified(digits):
-    assert (len(digits.train_y), len(digits.val_y)) == (1437, 360)
-    counts = torch.bincount(digits.val_y, minlength=10)
+    assert digits.split_sizes() == {"train": 1197, "val": 240, "test": 360}
+    counts = torch.bincount(digits.test_y, minlength=10)
     assert counts.min() >= 35 and counts.max() <= 37
+    val_counts = torch.bincount(digits.val_y, minlength=10)
+    assert val_counts.min() >= 22 and val_counts.max() <= 26
     again = load_dataset("digits")
-    assert torch.equal(again.val_x, digits.val_x)
+    assert torch.equal(again.val_x, digits.val_x) and torch.equal(again.test_x, digits.test_x)
+
+
+def test_validation_is_carved_from_train_and_disjoint_from_test(digits):
+    """Nothing that chooses may see the test images: validation comes out of the training data,
+    and no image is in two splits."""
+    rows = {name: {tuple(x.flatten().tolist()) for x in digits.split(name)[0]}
+            for name in ("train", "val", "test")}
+    assert not rows["val"] & rows["test"] and not rows["train"] & rows["val"]
+    assert not rows["train"] & rows["test"]
 
 
 def test_normalised_batches_have_zero_mean_unit_std(digits):
@@ -31,7 +42,7 @@ def test_shuffled_batches_are_deterministic_per_seed(digits):
 
 def test_digits32_is_rgb_32x32_of_the_same_images():
     d = load_dataset("digits32")
-    assert d.train_x.shape[1:] == (3, 32, 32) and len(d.val_y) == 360
+    assert d.train_x.shape[1:] == (3, 32, 32) and len(d.test_y) == 360
 
 
 def _fake_cifar10(root):
@@ -54,7 +65,8 @@ def test_cifar_with_wrong_md5_is_refused(tmp_path):
 def test_cifar_layout_reads_without_verification(tmp_path):
     _fake_cifar10(tmp_path)
     d = load_dataset("cifar10", str(tmp_path), verify=False)
-    assert d.train_x.shape == (20, 3, 32, 32) and d.train_x.dtype == torch.uint8
+    assert d.split_sizes() == {"train": 18, "val": 2, "test": 4}
+    assert d.train_x.shape[1:] == (3, 32, 32) and d.train_x.dtype == torch.uint8
     x, _ = next(d.batches("train", 8))
     assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32
 
@@ -102,7 +114,9 @@ def _image_folder(root, classes=("cat", "dog"), per_class=5):
 def test_image_folder_splits_per_class_and_resizes(tmp_path):
     d = load_dataset("imagefolder", str(_image_folder(tmp_path)), image_size=16)
     assert d.num_classes == 2 and d.extra["classes"] == ["cat", "dog"]
-    assert d.train_x.shape[1:] == (3, 16, 16) and len(d.val_y) == 2 and len(d.train_y) == 8
+    assert d.train_x.shape[1:] == (3, 16, 16)
+    assert d.split_sizes() == {"train": 6, "val": 2, "test": 2}
+    assert torch.bincount(d.test_y).tolist() == [1, 1]
     # class 1 images are brighter: the labels travel with their pixels
     assert d.train_x[d.train_y == 1].float().mean() > d.train_x[d.train_y == 0].float().mean()
 
@@ -111,7 +125,14 @@ def test_image_folder_with_train_and_val_subfolders(tmp_path):
     _image_folder(tmp_path / "train", per_class=3)
     _image_folder(tmp_path / "val", per_class=2)
     d = load_dataset("imagefolder", str(tmp_path), image_size=8)
-    assert (len(d.train_y), len(d.val_y)) == (6, 4)
+    # val/ is what is reported (the test split); validation is carved out of train/
+    assert d.split_sizes() == {"train": 4, "val": 2, "test": 4}
+
+
+def test_one_class_image_folder_is_refused(tmp_path):
+    _image_folder(tmp_path, classes=("cat",))
+    with pytest.raises(UserError, match="one class"):
+        load_dataset("imagefolder", str(tmp_path))
 
 
 def test_unreadable_image_is_named(tmp_path):
@@ -128,9 +149,12 @@ def test_embedded_digits_are_sklearns_data_and_split(digits):
     from sklearn.model_selection import train_test_split
 
     d = load_digits()
-    tr, va = train_test_split(np.arange(len(d.target)), test_size=0.2, random_state=0,
+    tr, te = train_test_split(np.arange(len(d.target)), test_size=0.2, random_state=0,
                               stratify=d.target)
     images = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    assert torch.equal(digits.train_x, images[tr]) and torch.equal(digits.val_x, images[va])
-    assert digits.train_y.tolist() == d.target[tr].tolist()
-    assert digits.val_y.tolist() == d.target[va].tolist()
+    assert torch.equal(digits.test_x, images[te])
+    assert digits.test_y.tolist() == d.target[te].tolist()
+    # train + val are scikit-learn's training part, in its order
+    both = torch.cat([digits.train_x, digits.val_x])
+    assert sorted(map(tuple, both.flatten(1).tolist())) == sorted(
+        map(tuple, images[tr].flatten(1).tolist()))

@@ -32,7 +32,7 @@ def abs_searched(fp_digits, small_digits):
 def test_folding_bn_keeps_the_searched_accuracy(abs_searched, small_digits):
     """Fine-tune starts where search ended: the folded model computes the same function."""
     model = model_from_checkpoint(abs_searched)
-    before = evaluate(model, small_digits)
+    before = evaluate(model, small_digits, "test")
     tuned = finetune(abs_searched, small_digits, TrainConfig(epochs=1, lr=0.01))
     assert tuned["metrics"]["start_top1"] == pytest.approx(before, abs=1 / 360)
 
@@ -47,7 +47,7 @@ def test_finetuned_checkpoint_is_bn_folded_and_loads_back(abs_searched, small_di
     for key in ("top1", "bops", "fp_bops", "fp_top1"):
         assert key in tuned["metrics"]
     model = model_from_checkpoint(tuned)
-    assert evaluate(model, small_digits) == pytest.approx(tuned["metrics"]["top1"])
+    assert evaluate(model, small_digits, "test") == pytest.approx(tuned["metrics"]["top1"])
 
 
 def test_pruned_channels_stay_exactly_zero_after_finetune(abs_searched, small_digits):

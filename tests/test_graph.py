@@ -15,13 +15,11 @@ from abs_deploy.graph import (
     layer_order,
 )
 from abs_deploy.models import create_model, list_models
-
-_INPUT = {"digits_cnn": (1, 1, 8, 8), "resnet18": (1, 3, 224, 224),
-          "mobilenetv2": (1, 3, 224, 224)}
+from abs_deploy.models.registry import default_input_shape
 
 
 def _x(name: str) -> torch.Tensor:
-    return torch.randn(*_INPUT.get(name, (1, 3, 32, 32)))
+    return torch.randn(1, *default_input_shape(name))
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -74,8 +74,8 @@ def _report(rows: list[dict] | None = None) -> dict:
     timings = [Timing(m, b, t, med * b * (1 + 0.3 * (t - 1)), med * b * 1.4, 50)
                for t in (1, 2) for b in (1, 32)
                for m, med in (("fp_original", 0.30), ("fp_pruned", 0.22), ("qcdq", 0.15))]
-    parity = {"logits_rel": 1e-7, "top1_agreement": 1.0, "codes_equal": 0.99999,
-              "codes_max_diff": 1, "passed": True, "failure": None}
+    parity = {"logits_rel": 1e-7, "end_to_end_logits_rel": 0.136, "top1_agreement": 1.0,
+              "codes_equal": 0.99999, "codes_max_diff": 1, "passed": True, "failure": None}
     return {
         "format": report.FORMAT, "checkpoint": "runs/r20/model.pt", "stage": "finetuned",
         "method": "abs", "arch": "resnet20", "dataset": "cifar10", "input_shape": [1, 3, 32, 32],
@@ -448,20 +448,46 @@ def _browser() -> str | None:
     return None
 
 
+def _browser_or_skip() -> str:
+    """The browser to render with. CI installs one (.ci/run), so there a missing browser is a
+    failure: a skip would let the only check that the page draws its plots vanish unnoticed."""
+    found = _browser()
+    if found is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("CI=true but no Chromium or Chrome was found (tried /usr/bin/chromium, "
+                        "chromium, chromium-browser, google-chrome); .ci/run installs Debian's "
+                        "chromium before `make test` when it runs as root or with CI=true",
+                        pytrace=False)
+        pytest.skip("no Chromium or Chrome on this machine")
+    return found
+
+
+@pytest.mark.parametrize("ci, outcome", [("true", pytest.fail.Exception),
+                                         (None, pytest.skip.Exception)])
+def test_missing_browser_fails_in_ci_and_skips_elsewhere(monkeypatch, ci, outcome):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome):
+        _browser_or_skip()
+
+
 # The plots' fill colours (html_report._CSS): weight bits, activation bits, kept filters,
 # compressed BOPs, QCDQ latency.
 PLOT_COLOURS = {"weights": (0x4C, 0x78, 0xA8), "activations": (0xF5, 0x85, 0x18),
                 "kept": (0x54, 0xA2, 0x4B), "compressed BOPs": (0xE4, 0x57, 0x56)}
 
 
-@pytest.mark.skipif(_browser() is None, reason="no Chromium or Chrome on this machine")
 def test_page_shows_its_plots_in_headless_chromium(tmp_path):
     from matplotlib.image import imread
 
+    browser = _browser_or_skip()
     page = tmp_path / "report.html"
     page.write_text(render(_report()))
     shot = tmp_path / "shot.png"
-    subprocess.run([_browser(), "--headless", "--no-sandbox", "--disable-gpu",
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
                     "--hide-scrollbars", "--no-first-run", f"--user-data-dir={tmp_path / 'p'}",
                     f"--screenshot={shot}", "--window-size=1280,2200", page.as_uri()],
                    capture_output=True, timeout=120, check=False)
@@ -473,3 +499,13 @@ def test_page_shows_its_plots_in_headless_chromium(tmp_path):
     for what, colour in PLOT_COLOURS.items():
         share = (abs(rgb - colour) <= 6).all(axis=2).mean()
         assert share > 0.002, f"{what} ({colour}) covers only {share:.3%} of the screenshot"
+
+
+def test_both_views_say_what_each_parity_check_compares_with_the_end_to_end_logits():
+    """The off-mode limit applies to the last segment fed the reference's codes; the file's own
+    end-to-end logits difference (here 0.136) must be shown too, in report.md and report.html."""
+    rep = _report()
+    for text in (render(rep), report.markdown(rep)):
+        assert "last segment (after the last quantizer) fed the reference" in text
+        assert "end to end: logits 1.4e-01 relative" in text
+        assert "Fed the reference" in text and "limit 1e-4" in text

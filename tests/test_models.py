@@ -72,3 +72,18 @@ def test_import_path_returning_a_non_module_is_refused():
 def test_wrong_builder_arguments_are_a_user_error():
     with pytest.raises(UserError, match="does not accept"):
         create_model("resnet20", depth=3)
+
+
+@pytest.mark.parametrize("name, kwargs", [("fashion_cnn", {}), ("resnet20", {}),
+                                          ("mobilenetv2_cifar", {"width_mult": 0.25})])
+def test_models_train_on_fashion_mnist_shaped_images(name, kwargs):
+    """Fashion-MNIST is 1x28x28: the CIFAR architectures take it as well as the 28x28 model
+    (one channel in, a 28x28 grid that the stride-2 stages and the pooled head absorb)."""
+    from abs_deploy.data import load_dataset
+    from abs_deploy.pretrain import pretrain
+    from abs_deploy.train import TrainConfig
+
+    data = load_dataset("synthetic", synthetic_shape=(1, 28, 28))
+    ckpt = pretrain(name, data, TrainConfig(epochs=1, batch_size=128), kwargs)
+    assert ckpt["input"]["shape"] == [1, 1, 28, 28] and ckpt["arch"]["kwargs"]["in_chans"] == 1
+    assert ckpt["metrics"]["macs"] > 0 and 0 <= ckpt["metrics"]["top1"] <= 1

@@ -140,3 +140,37 @@ def test_closed_filter_gate_gives_exactly_zero_channels_after_bn(train_mode):
     assert len(pruned) == 8
     assert torch.equal(seen["bn"][:, pruned], torch.zeros_like(seen["bn"][:, pruned]))
     assert seen["bn"][:, kept].abs().sum() > 0
+
+
+@pytest.mark.parametrize("signed,per_channel", CASES)
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_superbit_clip_learns_as_the_fixed_bit_quantizer_of_its_level(signed, per_channel,
+                                                                      level):
+    """The search path and QAT/fine-tune train a clip alike: at hard gates the super-bit
+    quantizer's clip gradient is `fake_quant`'s at the selected bits, LSQ's scale included
+    (without it the search's clips moved sqrt(elements x top code) times faster)."""
+    x, clip = _inputs(signed, per_channel)
+    gates = (torch.arange(2) < level).float()
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for fn in (lambda xs, cs: super_quant(xs, cs, gates, (2, 4, 8), signed),
+               lambda xs, cs: fake_quant(xs, cs, (2, 4, 8)[level], signed)):
+        xs, cs = x.clone().requires_grad_(), clip.clone().requires_grad_()
+        (fn(xs, cs) * upstream).sum().backward()
+        grads.append((xs.grad, cs.grad))
+    for fast, ref in zip(*grads, strict=True):
+        assert torch.allclose(fast, ref, rtol=1e-4, atol=1e-6)
+
+
+def test_unscaled_clip_path_is_the_raw_lsq_gradient():
+    """`lsq_scale=False` (the ablation's old path) gives the clip the unscaled gradient."""
+    x, clip = _inputs(True, False)
+    gates = torch.ones(2)
+    up = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    grads = []
+    for scaled in (True, False):
+        cs = clip.clone().requires_grad_()
+        (super_quant(x, cs, gates, (2, 4, 8), True, lsq_scale=scaled) * up).sum().backward()
+        grads.append(cs.grad)
+    top = 2 ** 7 - 1
+    assert torch.allclose(grads[0] * (x.numel() * top) ** 0.5, grads[1], rtol=1e-4)

@@ -33,7 +33,9 @@ def test_uniform_4bit_stays_within_1_5_points_and_records_a_full_decision(
     path = save_checkpoint(ck, tmp_path / "u.pt")
     model = model_from_checkpoint(load_checkpoint(path))
     assert sum(isinstance(m, QUANT_TYPES) for m in model.modules()) == len(names)
-    assert evaluate(model, digits) == ck["metrics"]["top1"]
+    assert evaluate(model, digits, "test") == ck["metrics"]["top1"]
+    assert evaluate(model, digits, "val") == ck["metrics"]["val_top1"]
+    assert ck["metrics"]["splits"]["top1"] == "test"
 
 
 def test_two_bit_weights_land_on_four_levels(fp_digits, digits):

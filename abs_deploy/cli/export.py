@@ -41,7 +41,7 @@ from abs_deploy.export.html_report import MODEL_LABELS
 @click.option("--batch-size", type=click.IntRange(1), default=256, show_default=True,
               help="Validation batch size.")
 @click.option("--max-images", type=click.IntRange(1), default=None,
-              help="Validate on the first N validation images only.")
+              help="Validate on the first N test images only.")
 @click.option("--threads", type=click.IntRange(1), default=None,
               help="Threads of the 'all threads' latency runs (default: every core).")
 @click.option("--runs", type=click.IntRange(50), default=50, show_default=True,
@@ -101,7 +101,8 @@ def print_summary(result) -> None:
                f"{_pct(acc['ort_unoptimized'])}   ({acc['images']} images of {r['dataset']})")
     p, off, full = par["pruning"], par["ort_unoptimized"], par["ort_optimized"]
     click.echo(f"  parity  pruned = masked to {max(p['logits_rel'], p['onnx_logits_rel']):.0e}"
-               f"  |  ORT no-opt logits {off['logits_rel']:.0e}"
+               f"  |  ORT no-opt logits: last segment {off['logits_rel']:.0e}, end to end "
+               f"{off.get('end_to_end_logits_rel', float('nan')):.0e}"
                f"  |  ORT int8: top-1 agree {_pct(full['top1_agreement'])}, codes equal "
                f"{_pct(full['codes_equal'], 3)}, max diff {full['codes_max_diff']}")
     ov = par.get("openvino")

@@ -231,7 +231,7 @@ def markdown(r: dict) -> str:
     opts = r["options"]
     lines = [f"# Export report: {_md(r['checkpoint'])}", "",
              f"{_md(r['arch'])} ({_md(r['stage'])}, {_md(r['method'])}), input "
-             f"{_md(r['input_shape'])}, validated on {_md(r['dataset'])} "
+             f"{_md(r['input_shape'])}, validated on the test split of {_md(r['dataset'])} "
              f"({_md(acc['images'])} images). ONNX opset {_md(opts['opset'])}, weights "
              f"{_md(opts['weights'])}.", "",
              "## Totals", "",
@@ -249,16 +249,8 @@ def markdown(r: dict) -> str:
               f"| {pct(acc['fp_original'])} ({_md(acc['fp_source'])}) | "
               f"{pct(acc['float_weights'])} | {pct(acc['reference'])} | {pct(acc['ort'])} | "
               f"{pct(acc['ort_unoptimized'])} |", "", "## Parity", ""]
-    p, off, full = par["pruning"], par["ort_unoptimized"], par["ort_optimized"]
-    lines += [f"- pruned vs masked float: logits {p['logits_rel']:.1e} relative (ORT "
-              f"{p['onnx_logits_rel']:.1e}), worst layer {_md(p['worst_layer'])} "
-              f"{p['worst_layer_rel']:.1e}",
-              f"- ORT without optimizations vs reference: logits {off['logits_rel']:.1e} "
-              f"relative, top-1 agreement {pct(off['top1_agreement'])}, codes equal "
-              f"{pct(off['codes_equal'], 3)}",
-              f"- ORT optimized (int8 kernels) vs reference: top-1 agreement "
-              f"{pct(full['top1_agreement'])}, codes equal {pct(full['codes_equal'], 3)}, "
-              f"max code difference {_md(full['codes_max_diff'])}", ""]
+    lines += [f"- {_md(s)}" for s in html_report.parity_sentences(par)]
+    lines += ["", _md(html_report.PARITY_TERMS), ""]
     lat = r.get("latency")
     if lat:
         models = list(dict.fromkeys(row["model"] for row in lat["rows"]))

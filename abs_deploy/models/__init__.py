@@ -1,6 +1,6 @@
 """Model zoo. Importing this package registers every family."""
 
-from abs_deploy.models import digits, mobilenetv2, resnet  # noqa: F401  (registration)
+from abs_deploy.models import digits, fashion, mobilenetv2, resnet  # noqa: F401  (registration)
 from abs_deploy.models.registry import (
     build_model,
     create_model,

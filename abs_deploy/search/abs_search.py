@@ -56,7 +56,7 @@ LAM_MAX = 5.0
 REACH = 2 * TAU        # how far past its largest residual a threshold may go (see clamp)
 GATE_LR = 0.1          # plain SGD on thresholds: a gate moves in proportion to its layer's
                        # share of the BOPs, which is what ranks layers (Adam would equalise them)
-PROJECT_SAMPLES = 128  # training images the projection step measures the loss on
+PROJECT_SAMPLES = 128  # validation images the projection step measures the loss on
 GATE_MARGIN = TAU      # every gate starts open, this far below the value at which it closes
 
 
@@ -195,6 +195,18 @@ class SuperBitNet:
             r = self.layers[g.owner].f_thr
             r.copy_(torch.minimum(r.clamp(min=0.0), top + REACH))
 
+    def pin(self, bits: tuple[int, int]) -> None:
+        """Hold every searchable layer at `bits` (w, a) and keep every filter: the search's
+        training path with no decision to make (an ablation against plain QAT)."""
+        for m in self.layers.values():
+            if m.searchable:
+                if bits[0] not in m.candidates or bits[1] not in m.candidates:
+                    raise UserError(f"pinned bits {bits} are not among the candidates "
+                                    f"{m.candidates}")
+                m.forced = tuple(bits)
+        for g in self.groups:
+            g.forced = g.channels
+
     def freeze(self) -> None:
         """Pin the current hard decision (bits and kept counts); gates stop moving."""
         for m in self.layers.values():
@@ -248,32 +260,42 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
                on_epoch_end: Callable[[EpochLog], None] | None = None,
                resume_path: str | None = None, tolerance: float = 0.05,
                refine_epochs: int = 1, gate_lr: float = GATE_LR,
-               gate_margin: float | None = GATE_MARGIN) -> dict:
+               gate_margin: float | None = GATE_MARGIN,
+               pin_bits: tuple[int, int] | None = None, lsq_scale: bool = True) -> dict:
     """ABS search from an `fp` checkpoint; returns a `searched` checkpoint (method "abs").
 
     `target_bops` (absolute, see `bops.parse_bops`) makes `lam` adapt and the final decision land
     within `tolerance` of it; without a target, `lam` stays fixed (the paper's mode). With
     `resume_path`, the search state is written there after every epoch, and a search started with
     an existing file continues from it. `gate_margin` (None: thresholds at 0) is where every
-    gate starts, see `start_thresholds`."""
+    gate starts, see `start_thresholds`. `pin_bits` holds every gate at one (w, a) decision with
+    nothing pruned and no BOP loss: the super-bit training path alone, for ablations.
+    `lsq_scale=False` trains the clips without LSQ's gradient scale, as the search did before
+    (for the ablation that measured it)."""
     cands = tuple(int(b) for b in candidates)
     if list(cands) != sorted(set(cands)) or cands[0] < 1 or cands[-1] > 8:
         raise UserError(f"candidates must be distinct ascending bitwidths in 1..8, got {cands}")
+    if pin_bits is not None:
+        target_bops, lam = None, 0.0
     if target_bops is None and lam is None:
         raise UserError("give a BOP target or a fixed lam")
     if not 0 <= max_prune < 1:
         raise UserError(f"max_prune must be in [0, 1), got {max_prune}")
     model = model_from_checkpoint(fp_ckpt)
     example = torch.zeros(data.input_shape)
-    fp_top1 = evaluate(model, data)
+    fp_top1 = evaluate(model, data, "test")
     costs = bops.layer_costs(model, data.input_shape)
     fp_bops = float(bops.totals(bops.bops_table(costs))["bops"])
     net = to_superbit(model, example, cands, max_prune, edge_bits)
+    for layer in net.layers.values():
+        layer.lsq_scale = lsq_scale
     _check_target(net, target_bops)
     calibrate(model, (x for x, _ in islice(data.batches("train", 128, shuffle=True), 4)))
     if gate_margin is not None:
         start_thresholds(net, (x for x, _ in islice(data.batches("train", 128, shuffle=True),
                                                     4)), gate_margin)
+    if pin_bits is not None:
+        net.pin(pin_bits)
 
     adapt = target_bops is not None
     state = _State(lam=0.0 if lam is None else float(lam))
@@ -429,14 +451,14 @@ def project(net: SuperBitNet, data: Dataset, target: float, tolerance: float = 0
     margin that costs nothing since the count is exact). Returns the number of moves made.
 
     Each round measures every single move (one bit level of one layer's weights or inputs, or one
-    step of a group's filters) on held-out training batches, ranks them by loss change per BOP,
-    and applies them best-first, at most one per layer and kind, until the band is reached; the
-    next round re-measures. Rounds rather than one move per measurement keep it to a few seconds
-    when the search ended far from the target."""
+    step of a group's filters) on validation batches (it chooses, so never on the test split),
+    ranks them by loss change per BOP, and applies them best-first, at most one per layer and
+    kind, until the band is reached; the next round re-measures. Rounds rather than one move per
+    measurement keep it to a few seconds when the search ended far from the target."""
     net.freeze()
     tol = 0.8 * tolerance
     hi, lo = target * (1 + tol), target * (1 - tol)
-    batches = list(islice(data.batches("train", 128, shuffle=True, seed=12345),
+    batches = list(islice(data.batches("val", 128, shuffle=True, seed=12345),
                           max(1, PROJECT_SAMPLES // 128)))
     loss = _loss_fn(net.model, batches)
     cur_loss, cur = loss(), net.bops().item()

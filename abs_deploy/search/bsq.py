@@ -69,7 +69,7 @@ def bsq_search(fp_ckpt: dict, data: Dataset, alpha: float, act_bits: int, cfg: T
     fp_bops = bops.totals(bops.bops_table(costs))["bops"]
     if target_bops is not None and target_bops <= 1:
         target_bops *= fp_bops
-    fp_top1 = evaluate(model, data)
+    fp_top1 = evaluate(model, data, "test")
 
     edges = {costs[0].name, costs[-1].name}
     quantize_model(model, {n: (edge_bits, edge_bits) for n in order if n in edges})

@@ -13,7 +13,15 @@ from abs_deploy.data import Dataset
 from abs_deploy.errors import UserError
 from abs_deploy.models.registry import build_model
 from abs_deploy.search.qmodel import fold_batchnorm, model_from_checkpoint
-from abs_deploy.train import EpochLog, Progress, TrainConfig, evaluate, no_progress, train
+from abs_deploy.train import (
+    EpochLog,
+    Progress,
+    TrainConfig,
+    accuracy_metrics,
+    evaluate,
+    no_progress,
+    train,
+)
 
 
 def finetune(ckpt: dict, data: Dataset, cfg: TrainConfig, progress: Progress = no_progress,
@@ -26,12 +34,12 @@ def finetune(ckpt: dict, data: Dataset, cfg: TrainConfig, progress: Progress = n
     model = model_from_checkpoint(ckpt)
     if not ckpt.get("bn_folded"):
         fold_batchnorm(model, ckpt["decision"])
-    start_top1 = evaluate(model, data)
+    start_top1 = evaluate(model, data, "test")
     logs = train(model, data, cfg, progress, on_epoch_end=on_epoch_end)
     rows = bops.decision_bops(ckpt["decision"], ckpt["arch"], data.input_shape)
     fp = bops.totals(bops.bops_table(bops.layer_costs(build_model(ckpt["arch"]),
                                                       data.input_shape)))
-    metrics = {**ckpt.get("metrics", {}), "top1": evaluate(model, data),
+    metrics = {**ckpt.get("metrics", {}), **accuracy_metrics(model, data),
                "searched_top1": ckpt.get("metrics", {}).get("top1"),
                "start_top1": start_top1, "bops": bops.totals(rows)["bops"],
                "macs": bops.totals(rows)["macs"], "fp_bops": fp["bops"], "fp_macs": fp["macs"]}

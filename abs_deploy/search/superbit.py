@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from abs_deploy.quant import (
     init_weight_clip,
     int_range,
+    lsq_scaled_clip,
     scale,
     stored_weight_bits,
     weight_clip_shape,
@@ -61,9 +62,14 @@ def open_levels(gates: Tensor) -> int:
 
 
 def super_quant(x: Tensor, clip: Tensor, gates: Tensor, bits: Sequence[int],
-                signed: bool) -> Tensor:
+                signed: bool, lsq_scale: bool = True) -> Tensor:
     """`x_hat` of the nested decomposition at hard `gates` (one entry per level above the
-    first), with straight-through gradients to `x`, `clip` (as `fake_quant`) and the gates."""
+    first), with straight-through gradients to `x`, `clip` (as `fake_quant`, LSQ's gradient
+    scale of the level the gates select included) and the gates. `lsq_scale=False` leaves the
+    clip's gradient unscaled, as the search had it before (kept for the ablation that measured
+    what the scale is worth)."""
+    if lsq_scale:
+        clip = lsq_scaled_clip(clip, x, int_range(bits[open_levels(gates)], signed)[1])
     return _SuperQuant.apply(x, clip, gates, tuple(bits), signed)
 
 
@@ -145,6 +151,7 @@ def nested_reference(x: Tensor, clip: Tensor, gates: Tensor, bits: Sequence[int]
     from abs_deploy.quant import round_ste
 
     top = bits[-1]
+    clip = lsq_scaled_clip(clip, x, int_range(bits[open_levels(gates)], signed)[1])
     codes = []
     for b in bits:
         lo, hi = int_range(b, signed)
@@ -233,6 +240,7 @@ class _SuperBitMixin:
         self.candidates = tuple(int(b) for b in candidates)
         self.a_signed = True
         self.forced = None          # (w_bits, a_bits) pinned by the search's projection step
+        self.lsq_scale = True       # LSQ's clip-gradient scale (False: the ablation's old path)
         n = len(self.candidates) - 1
         clip_bits = clip_bits or self.candidates[len(self.candidates) // 2]
         self.w_clip = nn.Parameter(mse_weight_clip(self.weight, clip_bits)
@@ -296,7 +304,7 @@ class _SuperBitMixin:
 
     def quant_weight(self) -> Tensor:
         return super_quant(self.weight, self._w_clip(), self.w_gates(), self.weight_levels(),
-                           True)
+                           True, self.lsq_scale)
 
     def weight_levels(self) -> tuple[int, ...]:
         """The grids the weights really use: what export stores (quant.stored_weight_bits: an
@@ -309,7 +317,8 @@ class _SuperBitMixin:
         clip = self._a_clip()
         if self.training and self.searchable and self.forced is None:
             self._track_residuals(x, clip)
-        return super_quant(x, clip, self.a_gates(), self.candidates, self.a_signed)
+        return super_quant(x, clip, self.a_gates(), self.candidates, self.a_signed,
+                           self.lsq_scale)
 
     @torch.no_grad()
     def _track_residuals(self, x: Tensor, clip: Tensor) -> None:

@@ -18,7 +18,14 @@ from abs_deploy.search.qmodel import (
     quant_layers,
     quantize_model,
 )
-from abs_deploy.train import Progress, TrainConfig, evaluate, no_progress, train
+from abs_deploy.train import (
+    Progress,
+    TrainConfig,
+    accuracy_metrics,
+    evaluate,
+    no_progress,
+    train,
+)
 
 
 def uniform_qat(fp_ckpt: dict, data: Dataset, w_bits: int, a_bits: int, cfg: TrainConfig,
@@ -31,7 +38,7 @@ def uniform_qat(fp_ckpt: dict, data: Dataset, w_bits: int, a_bits: int, cfg: Tra
     order = graph.layer_order(model, example)
     bn_of = graph.following_norm(model, example)
     costs = bops.layer_costs(model, data.input_shape)
-    fp_top1 = evaluate(model, data)
+    fp_top1 = evaluate(model, data, "test")
     bits = bops.default_bits(costs, w_bits, a_bits, edge_bits)
     bits = {name: bits[name] for name in order}
     quantize_model(model, bits)
@@ -57,7 +64,7 @@ def searched_checkpoint(fp_ckpt: dict, model: torch.nn.Module, decision: dict, d
     """A `searched` checkpoint with measured accuracy and the decision's BOPs."""
     rows = bops.decision_bops(decision, fp_ckpt["arch"], data.input_shape)
     fp = bops.totals(bops.bops_table(costs))
-    metrics = {"top1": evaluate(model, data), "fp_top1": fp_top1,
+    metrics = {**accuracy_metrics(model, data), "fp_top1": fp_top1,
                "bops": bops.totals(rows)["bops"], "fp_bops": fp["bops"],
                "macs": bops.totals(rows)["macs"], "fp_macs": fp["macs"]}
     history = list(fp_ckpt.get("history", [])) + [{"stage": method, **log.as_dict()}
