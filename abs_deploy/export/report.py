@@ -288,9 +288,10 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# Characters that Markdown (CommonMark, GitHub's tables) would read as markup: each is
-# backslash-escaped; <, > and & become entities, so no tag or entity of the source survives.
-_MD_MARKUP = re.compile(r"([\\`*_{}\[\]()#+!|~])")
+# What Markdown (CommonMark, GitHub's tables and strikethrough) reads as markup in the middle
+# of a line: each is backslash-escaped. <, > and & become entities, so no tag or entity of the
+# source survives. Parentheses stay: with [ and ] escaped they cannot form a link.
+_MD_MARKUP = re.compile(r"([\\`*_\[\]|~])")
 _MD_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
 
 
