@@ -9,7 +9,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -31,9 +30,13 @@ from abs_deploy.train import TrainConfig
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# One epoch of large batches: these tests need real checkpoints, not good ones.
+QUICK = ["--epochs", "1", "--batch-size", "512"]
+
+
 @pytest.fixture(scope="module")
 def fp(digits):
-    return pretrain("digits_cnn", digits, TrainConfig(epochs=1, seed=0))
+    return pretrain("digits_cnn", digits, TrainConfig(epochs=1, batch_size=512, seed=0))
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,7 @@ def fp_path(fp, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def searched_path(fp, digits, tmp_path_factory):
-    ckpt = uniform_qat(fp, digits, 4, 4, TrainConfig(epochs=1, lr=0.01))
+    ckpt = uniform_qat(fp, digits, 4, 4, TrainConfig(epochs=1, lr=0.01, batch_size=512))
     return save_checkpoint(ckpt, tmp_path_factory.mktemp("searched") / "searched.pt")
 
 
@@ -101,23 +104,20 @@ def test_every_documented_code_is_produced():
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_ends_with_130_one_line_and_no_output(fp_path, tmp_path, sig):
-    out = tmp_path / "s.pt"
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
+def test_a_signal_ends_with_130_one_line_and_no_output(tmp_path, sig):
+    out = tmp_path / "fp.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(
         [sys.executable, "-c", "from abs_deploy.cli import main; main(prog_name='abs')",
-         "search", str(fp_path), "--method", "abs", "--target-bops", "20x", "--epochs", "200",
-         "-o", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    state = Path(f"{out}.partial")
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and not state.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, "the search ended before it could be interrupted"
+         "pretrain", "--model", "digits_cnn", "--epochs", "500", "--batch-size", "512",
+         "-o", str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()  # training is under way after its first epoch
+    assert first.startswith("pretrain epoch") and proc.poll() is None, first
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130 and stderr.strip() == "Error: interrupted", stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.pt.partial"]  # resumable
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- outputs, before any work ------------------------------------------------------------------
@@ -140,7 +140,7 @@ def test_output_is_checked_before_any_work(fp_path, searched_path, tmp_path, whe
     args = {"pretrain": ["pretrain", "--model", "digits_cnn"],
             "search": ["search", fp_path, "--method", "uniform"],
             "finetune": ["finetune", searched_path]}[command]
-    result = run(*args, "--epochs", "1", "-o", out)
+    result = run(*args, *QUICK, "-o", out)
     one_line(result, f"cannot write {out}")
     assert "epoch" not in result.stdout
 
@@ -161,7 +161,7 @@ def test_output_equal_to_the_input_is_refused(fp_path, searched_path, tmp_path, 
     before = listing(tmp_path)
     args = ["search", given, "--method", "uniform"] if command == "search" else \
         ["finetune", given]
-    one_line(run(*args, "--epochs", "1", "-o", out), "it would be replaced")
+    one_line(run(*args, *QUICK, "-o", out), "it would be replaced")
     assert listing(tmp_path) == before
 
 
@@ -189,11 +189,11 @@ class _FullDisk(io.FileIO):
 def test_full_disk_during_finetune_keeps_the_previous_output(searched_path, tmp_path,
                                                              monkeypatch):
     out = tmp_path / "model.pt"
-    assert run("finetune", searched_path, "--epochs", "1", "-o", out).exit_code == 0
+    out.write_bytes(searched_path.read_bytes())  # the previous run's output
     before = listing(tmp_path)
     monkeypatch.setattr(files, "open", lambda path, mode: _FullDisk(path, mode.strip("b")),
                         raising=False)
-    result = run("finetune", searched_path, "--epochs", "1", "--seed", "1", "-o", out)
+    result = run("finetune", searched_path, *QUICK, "-o", out)
     one_line(result, f"cannot write {out}: No space left on device")
     assert listing(tmp_path) == before  # the old model.pt, and no temporary file
 

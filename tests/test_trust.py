@@ -28,7 +28,7 @@ FORMS = ["import", "name"]  # {"import": "os:system"} and the older {"name": "os
 @pytest.fixture(scope="module")
 def fp(digits):
     """A real FP checkpoint; one epoch is enough to be refused or resumed from."""
-    return pretrain("digits_cnn", digits, TrainConfig(epochs=1, seed=0))
+    return pretrain("digits_cnn", digits, TrainConfig(epochs=1, batch_size=512, seed=0))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def _files(fp: dict, folder: Path, form: str) -> tuple[dict[str, Path], Path]:
 def _commands(evil: dict[str, Path], good_fp: Path, out: Path) -> dict[str, list[str]]:
     """Every command that reads a checkpoint, each given the malicious one. The resumed search
     starts from a good FP checkpoint and finds the malicious file as its .partial state."""
-    search = ["abs", "search", evil["fp"], "--epochs", "1"]
+    search = ["abs", "search", evil["fp"], "--epochs", "1", "--batch-size", "512"]
     resumed = out / "resumed.pt"
     resumed.with_name("resumed.pt.partial").write_bytes(evil["searched"].read_bytes())
     return {
@@ -64,7 +64,7 @@ def _commands(evil: dict[str, Path], good_fp: Path, out: Path) -> dict[str, list
         "search abs": [*search, "--method", "abs", "--target-bops", "20x", "-o", out / "a.pt"],
         "search bsq": [*search, "--method", "bsq", "-o", out / "b.pt"],
         "search --resume": ["abs", "search", good_fp, "--method", "abs", "--target-bops", "20x",
-                            "--epochs", "1", "--resume", "-o", resumed],
+                            "--epochs", "1", "--batch-size", "512", "--resume", "-o", resumed],
         "finetune": ["abs", "finetune", evil["searched"], "--epochs", "1", "-o", out / "f.pt"],
         "abs-export": ["abs-export", evil["searched"], "--skip-latency", "-o", out / "m.onnx"],
     }
@@ -160,15 +160,15 @@ def test_factory_taking_only_num_classes_trains_searches_and_is_allowed_by_name(
     monkeypatch.syspath_prepend(str(TESTS))
     path, fp = "plain_factories:tiny_net", tmp_path / "fp.pt"
     trained = run("pretrain", "--model", path, "--dataset", "digits32", "--epochs", "1",
-                  "-o", fp)
+                  "--batch-size", "512", "-o", fp)
     assert trained.exit_code == 0, trained.output
     with trusted_imports(path):
         assert load_checkpoint(fp)["arch"] == {"import": path, "kwargs": {"num_classes": 10}}
     refused = run("bops", fp)
     assert refused.exit_code == 2 and f"--model {path}" in refused.stderr
     assert run("bops", fp, "--model", path).exit_code == 0
-    searched = run("search", fp, "--method", "uniform", "--epochs", "1", "--model", path,
-                   "-o", tmp_path / "s.pt")
+    searched = run("search", fp, "--method", "uniform", "--epochs", "1", "--batch-size", "512",
+                   "--model", path, "-o", tmp_path / "s.pt")
     assert searched.exit_code == 0, searched.output
 
 
@@ -190,6 +190,6 @@ def test_factory_that_does_not_fit_the_data_is_one_line_before_training(
 def test_torchvision_style_factory_gets_no_in_chans_for_rgb_data(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(TESTS))
     result = run("pretrain", "--model", "plain_factories:tv_style", "--dataset", "digits32",
-                 "--epochs", "1", "-o", tmp_path / "fp.pt")
+                 "--epochs", "1", "--batch-size", "512", "-o", tmp_path / "fp.pt")
     assert result.exit_code == 0, result.output
 

@@ -109,6 +109,8 @@ def search(checkpoint, method, target_bops, lam, candidates, max_prune, resume, 
     if method == "abs" and state.exists() and not resume:
         raise CliError(f"{state} holds an interrupted search: add --resume to continue it, "
                        "or delete it to start over")
+    if method == "abs" and resume and state.exists():
+        load_checkpoint(state, stages=("searched",))  # an input too: refused before any work
     target = _target(target_bops, fp) if target_bops else None
     cands = _bits_list(candidates)
     data = dataset_for(fp["input"], data_dir, dataset)
