@@ -192,7 +192,8 @@ def fmt_count(n: float) -> str:
 
 data_dir_option = click.option(
     "--data-dir", type=click.Path(exists=True, file_okay=False),
-    help="Folder holding the dataset (CIFAR python pickles, or class subfolders of images).")
+    help="Folder holding the dataset (Fashion-MNIST idx files, CIFAR python pickles, or class "
+         "subfolders of images).")
 
 
 def checkpoint_data_options(fn: Callable) -> Callable:

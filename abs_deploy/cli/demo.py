@@ -66,17 +66,17 @@ def demo(out, seed, skip_export):
         print_summary(exported)
 
     click.echo("")
-    click.echo(f"{'model':<26} {'top-1':>8} {'BOPs':>12} {'vs FP':>8}")
+    click.echo(f"{'model':<26} {'test top-1':>10} {'BOPs':>12} {'vs FP':>8}")
     fp_bops = fp["metrics"]["bops"]
     for label, ck in (("FP 32/32", fp), ("uniform 4/4 (QAT)", uni),
                       ("ABS searched", searched), ("ABS fine-tuned", tuned)):
         m = ck["metrics"]
-        click.echo(f"{label:<26} {100 * m['top1']:7.2f}% {fmt_count(m['bops']):>12} "
+        click.echo(f"{label:<26} {100 * m['top1']:9.2f}% {fmt_count(m['bops']):>12} "
                    f"{fp_bops / m['bops']:7.1f}x")
     if exported is not None:
         acc = exported.report.get("accuracy", {})
         if "ort" in acc:
-            click.echo(f"{'ABS in ONNX Runtime':<26} {100 * acc['ort']:7.2f}%")
+            click.echo(f"{'ABS in ONNX Runtime':<26} {100 * acc['ort']:9.2f}%")
     m, u = tuned["metrics"], uni["metrics"]
     click.echo(f"ABS vs target FP/{TARGET:.0f}: BOPs {100 * (m['bops'] / target - 1):+.1f}%;  "
                f"top-1 vs FP {100 * (m['top1'] - fp['metrics']['top1']):+.2f} points, "

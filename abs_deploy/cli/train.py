@@ -55,7 +55,7 @@ def pretrain(model_name, model_kwargs, dataset, data_dir, image_size, output, ep
     ckpt = run(model_name, data, cfg, kwargs, progress, epoch_printer("pretrain"))
     save_checkpoint(ckpt, output)
     m = ckpt["metrics"]
-    click.echo(f"FP {model_name} on {dataset}: top-1 {100 * m['top1']:.2f}%  "
+    click.echo(f"FP {model_name} on {dataset}: test top-1 {100 * m['top1']:.2f}%  "
                f"MACs {fmt_count(m['macs'])}  BOPs {fmt_count(m['bops'])}  -> {output}")
 
 
@@ -195,7 +195,7 @@ def print_decision(ckpt: dict, target: float | None = None) -> None:
     m = ckpt["metrics"]
     aim = f"  (target {fmt_count(target)}, off by {100 * (m['bops'] / target - 1):+.1f}%)" \
         if target else ""
-    click.echo(f"top-1 {100 * m['top1']:.2f}% (FP {100 * m['fp_top1']:.2f}%)  "
+    click.echo(f"test top-1 {100 * m['top1']:.2f}% (FP {100 * m['fp_top1']:.2f}%)  "
                f"BOPs {fmt_count(m['bops'])} = FP/{m['fp_bops'] / m['bops']:.1f}{aim}")
 
 
