@@ -50,9 +50,9 @@ class Interrupted(click.ClickException):
     exit_code = INTERRUPTED
 
 
-class Command(click.Command):
-    """A command whose usage errors (a bad option value, a missing argument) are one line and
-    exit 2 like every other bad input, instead of click's usage block."""
+class _OneLineUsage:
+    """Usage errors (a bad option value, a missing argument, an unknown command) as one line
+    and exit 2 like every other bad input, instead of click's usage block."""
 
     def make_context(self, info_name, args, parent=None, **extra):
         try:
@@ -63,18 +63,14 @@ class Command(click.Command):
             raise CliError(_usage_line(e, info_name)) from None
 
 
-class Group(click.Group):
-    """The `abs` group, with `Command`'s one-line usage errors (an unknown command too)."""
+class Command(_OneLineUsage, click.Command):
+    """A command with one-line usage errors."""
+
+
+class Group(_OneLineUsage, click.Group):
+    """The `abs` group, with one-line usage errors for itself and its commands."""
 
     command_class = Command
-
-    def make_context(self, info_name, args, parent=None, **extra):
-        try:
-            return super().make_context(info_name, args, parent, **extra)
-        except click.exceptions.NoArgsIsHelpError:
-            raise
-        except click.UsageError as e:
-            raise CliError(_usage_line(e, info_name)) from None
 
     def resolve_command(self, ctx, args):
         try:
