@@ -22,3 +22,16 @@ def fp_digits(digits):
 def fp_digits_path(fp_digits, tmp_path_factory):
     from abs_deploy.checkpoint import save_checkpoint
     return save_checkpoint(fp_digits, tmp_path_factory.mktemp("ckpt") / "fp.pt")
+
+
+@pytest.fixture(scope="session")
+def fp(digits):
+    """A real FP checkpoint after one epoch: enough for the tests that refuse it, resume from it
+    or check what the CLI writes, and one pretrain for all of them."""
+    return pretrain("digits_cnn", digits, TrainConfig(epochs=1, batch_size=512, seed=0))
+
+
+@pytest.fixture(scope="session")
+def fp_path(fp, tmp_path_factory):
+    from abs_deploy.checkpoint import save_checkpoint
+    return save_checkpoint(fp, tmp_path_factory.mktemp("fp") / "fp.pt")

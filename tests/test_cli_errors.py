@@ -23,7 +23,6 @@ from abs_deploy.cli.common import EXIT_CODES
 from abs_deploy.cli.export import export_main
 from abs_deploy.errors import UserError
 from abs_deploy.export.errors import ExportFailed
-from abs_deploy.pretrain import pretrain
 from abs_deploy.search.uniform import uniform_qat
 from abs_deploy.train import TrainConfig
 
@@ -32,16 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # One epoch of large batches: these tests need real checkpoints, not good ones.
 QUICK = ["--epochs", "1", "--batch-size", "512"]
-
-
-@pytest.fixture(scope="module")
-def fp(digits):
-    return pretrain("digits_cnn", digits, TrainConfig(epochs=1, batch_size=512, seed=0))
-
-
-@pytest.fixture(scope="module")
-def fp_path(fp, tmp_path_factory):
-    return save_checkpoint(fp, tmp_path_factory.mktemp("fp") / "fp.pt")
 
 
 @pytest.fixture(scope="module")

@@ -12,28 +12,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from abs_deploy.checkpoint import load_checkpoint, save_checkpoint
+from abs_deploy.checkpoint import load_checkpoint
 from abs_deploy.cli import main
 from abs_deploy.cli.export import export_main
 from abs_deploy.errors import UserError
 from abs_deploy.models.registry import trusted_imports
-from abs_deploy.pretrain import pretrain
-from abs_deploy.train import TrainConfig
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 FORMS = ["import", "name"]  # {"import": "os:system"} and the older {"name": "os:system"}
-
-
-@pytest.fixture(scope="module")
-def fp(digits):
-    """A real FP checkpoint; one epoch is enough to be refused or resumed from."""
-    return pretrain("digits_cnn", digits, TrainConfig(epochs=1, batch_size=512, seed=0))
-
-
-@pytest.fixture(scope="module")
-def fp_path(fp, tmp_path_factory):
-    return save_checkpoint(fp, tmp_path_factory.mktemp("fp") / "fp.pt")
 
 
 def _evil(fp: dict, marker: Path, form: str, stage: str) -> dict:
