@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from abs_deploy.errors import UserError
+from abs_deploy.errors import UserError, first_line
 
 FP_BITS = 32
 
@@ -79,7 +79,7 @@ def layer_costs(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerCos
     # The shape is the user's (`abs bops --input-shape`) or the data's: a model that cannot
     # take it (a kernel larger than the image, the wrong channel count) is their input's fault.
     except (RuntimeError, ValueError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        reason = first_line(e)
         raise UserError(f"the model cannot run on input shape {list(input_shape[1:])}: "
                         f"{reason}") from None
     finally:

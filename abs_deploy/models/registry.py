@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from abs_deploy.errors import UserError
+from abs_deploy.errors import UserError, first_line
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _INPUT_SHAPES: dict[str, tuple[int, int, int]] = {}
@@ -176,7 +176,7 @@ def check_fits(model: nn.Module, label: str, input_shape: Sequence[int],
             out = model(torch.zeros(list(input_shape),
                                     device=param.device if param is not None else None))
     except (RuntimeError, ValueError) as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        reason = first_line(e)
         raise UserError(f"model '{label}' cannot take the data's {list(input_shape[1:])} "
                         f"images: {reason}") from None
     finally:
