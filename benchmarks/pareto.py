@@ -22,7 +22,15 @@ Runs:
   whole ABS search that way at `--ablation-target`;
 - ablation `abs-decision-fp`: the decision ABS found at `--ablation-target`, trained from the
   FP weights like the baselines (QAT + fine-tune): against ABS it separates the quality of the
-  decision from the quality of the searched weights.
+  decision from the quality of the searched weights;
+- ABS at point `4/4`: its target is the BOPs of uniform 4/4 itself (first/last layer 8/8 puts
+  that at 57x, not 64x), the comparison at exactly equal cost;
+- `abs-swap`: ABS at `--ablation-target` followed by the opt-in equal-BOPs swap step
+  (`abs_search.swap`), which re-scores the decision's neighbours on validation data.
+
+`--rerun KEY,...` (e.g. `abs_64x_s0`) trains cached runs again, with the code checked out now,
+into `results/pareto/reruns/`; the table compares each with its cached run, which shows whether
+runs from older commits still stand for today's code.
 
 Each finished run is a JSON file in `results/pareto/runs/` with its provenance; a rerun skips
 runs whose settings match, so the benchmark can be stopped and resumed over several sittings.
@@ -63,7 +71,7 @@ NAMES = {"uniform": "uniform QAT", "abs": "ABS", "ptq": "prune-then-quantize", "
          "abs-pinned": "ablation: ABS path pinned", "abs-pinned-nolsq":
          "ablation: ABS path pinned, no LSQ clip scale", "abs-nolsq":
          "ablation: ABS, no LSQ clip scale", "abs-decision-fp":
-         "ablation: ABS decision, FP weights"}
+         "ablation: ABS decision, FP weights", "abs-swap": "ABS + equal-BOPs swap step"}
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,14 @@ class Job:
     def key(self) -> str:
         return f"{self.method}_{self.point.replace('/', '-')}_s{self.seed}"
 
+    @staticmethod
+    def parse(key: str) -> Job:
+        """The job of a run key (`abs_64x_s0`, `uniform_4-4_s1`)."""
+        method, point, seed = key.rsplit("_", 2)
+        if method not in NAMES or not seed.startswith("s"):
+            raise SystemExit(f"not a run key: {key!r} (e.g. abs_64x_s0)")
+        return Job(method, point.replace("-", "/"), int(seed[1:]))
+
     def needs(self) -> Job | None:
         """The run whose result this one starts from."""
         if self.method in ("ptq", "abs-decision-fp"):
@@ -116,6 +132,8 @@ def main() -> None:
     ap.add_argument("--train-limit", type=int, default=None,
                     help="train on the first N training images (a quick trial, not a result)")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--rerun", default="",
+                    help="comma-separated run keys to train again into reruns/ (a check)")
     ap.add_argument("--report-only", action="store_true",
                     help="rewrite the tables and plot from the cached runs; train nothing")
     args = ap.parse_args()
@@ -130,6 +148,11 @@ def main() -> None:
     jobs = plan(seeds, args.targets.split(","), args.uniform.split(","), args.ablation_target,
                 methods)
     fp_path = ensure_fp(store, budget)
+    if args.rerun:
+        reruns = [Job.parse(k) for k in args.rerun.split(",")]
+        run_all(reruns, store, budget, fp_path, args.jobs, rerun=True)
+        store.write_report(budget)
+        return
     todo = [j for j in jobs if not store.done(j, budget)]
     _log(f"{len(jobs) - len(todo)} of {len(jobs)} runs cached; {len(todo)} to do "
          f"with {args.jobs} process(es)")
@@ -147,7 +170,7 @@ def plan(seeds: list[int], targets: list[str], uniform: list[str], ablation_targ
     t0 = ablation_target
     key_points = [("abs", t0), ("uniform", "4/4"), ("ptq", t0), ("abs-pinned", "4/4"),
                   ("abs-pinned-nolsq", "4/4"), ("abs-nolsq", t0), ("abs-decision-fp", t0)]
-    rest = ([("abs", t) for t in targets if t != t0]
+    rest = ([("abs", "4/4"), ("abs-swap", t0)] + [("abs", t) for t in targets if t != t0]
             + [("uniform", f"{b}/{b}") for b in uniform if b != "4"]
             + [("ptq", t) for t in targets if t != t0] + [("bsq", t) for t in targets])
     jobs = [Job(m, p, s) for points in (key_points, rest) for s in seeds for m, p in points]
@@ -215,8 +238,10 @@ def _load_data(budget: Budget):
     return data
 
 
-def run_all(todo: list[Job], store: Store, budget: Budget, fp_path: Path, n_jobs: int) -> None:
-    """Up to `n_jobs` runs at a time; a run whose input is another run waits for it."""
+def run_all(todo: list[Job], store: Store, budget: Budget, fp_path: Path, n_jobs: int,
+            rerun: bool = False) -> None:
+    """Up to `n_jobs` runs at a time; a run whose input is another run waits for it. With
+    `rerun`, results go to the reruns folder and inputs come from the cached runs."""
     import multiprocessing
 
     pending, running, failed = list(todo), {}, []
@@ -227,7 +252,7 @@ def run_all(todo: list[Job], store: Store, budget: Budget, fp_path: Path, n_jobs
                 if len(running) >= n_jobs:
                     break
                 dep = job.needs()
-                if dep is not None and not store.done(dep, budget):
+                if dep is not None and not store.done(dep, budget) and not rerun:
                     if dep not in failed and (dep in running.values() or dep in pending):
                         continue
                     _log(f"skip {job.key}: needs {dep.key}, which is not done")
@@ -247,7 +272,7 @@ def run_all(todo: list[Job], store: Store, budget: Budget, fp_path: Path, n_jobs
                     _log(f"FAILED {job.key}: {type(e).__name__}: {e}")
                     failed.append(job)
                     continue
-                store.save(job, row)
+                store.save(job, row, rerun)
                 _log(f"done {job.key}: test top-1 {100 * row['top1']:.2f}%  "
                      f"BOPs {row['bops'] / 1e6:.2f} M ({row['ratio']:.1f}x)  "
                      f"{row['seconds']:.0f} s")
@@ -280,14 +305,19 @@ def run_one(job: Job, budget: Budget, fp_path: str, dep_row: dict | None) -> dic
                          batch_size=budget.batch_size, seed=job.seed)
     space = _Space(fp, data)
     extra: dict = {}
-    if job.method in ("abs", "abs-nolsq"):
-        searched = abs_search(fp, data, bops.parse_bops(job.point, fp_bops), search_cfg,
-                              max_prune=MAX_PRUNE, refine_epochs=0,
-                              lsq_scale=job.method == "abs")
+    if job.method in ("abs", "abs-nolsq", "abs-swap"):
+        target = (space.bops(tuple(int(v) for v in job.point.split("/")), 0.0)
+                  if "/" in job.point else bops.parse_bops(job.point, fp_bops))
+        searched = abs_search(fp, data, target, search_cfg, max_prune=MAX_PRUNE,
+                              refine_epochs=0, lsq_scale=job.method != "abs-nolsq",
+                              swap_samples=2048 if job.method == "abs-swap" else 0)
         m = searched
-        extra = {"search_bops": m["search_bops"], "projection_moves": m["projection_moves"],
+        extra = {"target_bops": target, "search_bops": m["search_bops"],
+                 "projection_moves": m["projection_moves"], "swap": m.get("swap"),
                  "lam": [h.get("lam") for h in m["history"] if h.get("stage") == "abs"]}
-        label = f"ABS {job.point}" + (" (no LSQ clip scale)" if job.method != "abs" else "")
+        label = (f"ABS at the BOPs of uniform {job.point}" if "/" in job.point else
+                 f"ABS {job.point}") + {"abs-nolsq": " (no LSQ clip scale)",
+                                        "abs-swap": " + swap step"}.get(job.method, "")
     elif job.method in ("abs-pinned", "abs-pinned-nolsq"):
         w, a = (int(v) for v in job.point.split("/"))
         searched = abs_search(fp, data, None, search_cfg, max_prune=MAX_PRUNE,
@@ -428,6 +458,7 @@ class Store:
         self.results = results
         self.folder = results / "pareto"
         self.runs = self.folder / "runs"
+        self.reruns = self.folder / "reruns"
         self.runs.mkdir(parents=True, exist_ok=True)
 
     def path(self, job: Job) -> Path:
@@ -443,8 +474,24 @@ class Store:
         except (OSError, ValueError):
             return None
 
-    def save(self, job: Job, row: dict) -> None:
-        _atomic_write(self.path(job), json.dumps(row, indent=1))
+    def save(self, job: Job, row: dict, rerun: bool = False) -> None:
+        if rerun:
+            self.reruns.mkdir(exist_ok=True)
+        path = self.reruns / f"{job.key}.json" if rerun else self.path(job)
+        _atomic_write(path, json.dumps(row, indent=1))
+
+    def rerun_checks(self, budget: Budget) -> list[dict]:
+        """Each rerun beside the cached run it repeats."""
+        out = []
+        for p in sorted(self.reruns.glob("*.json")) if self.reruns.is_dir() else []:
+            new = json.loads(p.read_text())
+            old = self.load(Job(new["method"], new["point"], new["seed"]))
+            if old is None or new.get("budget") != asdict(budget):
+                continue
+            out.append({"key": p.stem, **{f"{k}_{w}": r[k] for w, r in (("cached", old),
+                        ("rerun", new)) for k in ("top1", "bops", "searched_top1", "commit",
+                                                  "method_code_sha256")}})
+        return out
 
     def rows(self, budget: Budget) -> list[dict]:
         rows = []
@@ -462,7 +509,8 @@ class Store:
                    k: fp[k] for k in ("top1", "val_top1", "fp_bops", "macs", "weights_sha256",
                                       "commit")},
                "points": points, "runs": [{k: v for k, v in r.items() if k != "decision"}
-                                          for r in rows]}
+                                          for r in rows],
+               "reruns": self.rerun_checks(budget)}
         _atomic_write(self.results / "pareto.json", json.dumps(out, indent=1))
         _atomic_write(self.results / "pareto.md", markdown(out))
         plot(out, self.results / "pareto.png")
@@ -519,10 +567,30 @@ def markdown(out: dict) -> str:
               f"method code digest(s) {', '.join(codes)}"
               + (" (one: every run computed by the same code)." if len(codes) == 1 else
                  " (**more than one: the runs came from different code**)."),
+              *_reruns_md(out.get("reruns", [])),
               "Each run's own record (command, packages, CPU, threads, date) is in "
               "`results/pareto/runs/`; the FP model's in `results/pareto/fp.json`. The record "
               "above is that of the run that wrote this table."]
     return "\n".join(lines) + "\n"
+
+
+def _reruns_md(reruns: list[dict]) -> list[str]:
+    """A run retrained with later code, beside its cached result: identical numbers show that
+    the code between the two commits does not change what the runs compute."""
+    if not reruns:
+        return []
+    lines = ["", "Reruns of cached runs (`--rerun`), same seed, one thread each:", "",
+             "| run | cached: commit, code | rerun: commit, code | test top-1 % | BOPs | same |",
+             "|---|---|---|---|---|---|"]
+    for r in reruns:
+        same = all(r[f"{k}_cached"] == r[f"{k}_rerun"] for k in ("top1", "bops", "searched_top1"))
+        lines.append(
+            f"| {r['key']} | {r['commit_cached'][:10]}, {r['method_code_sha256_cached'][:12]} | "
+            f"{r['commit_rerun'][:10]}, {r['method_code_sha256_rerun'][:12]} | "
+            f"{100 * r['top1_cached']:.2f} / {100 * r['top1_rerun']:.2f} | "
+            f"{r['bops_cached'] / 1e6:.2f} M / {r['bops_rerun'] / 1e6:.2f} M | "
+            f"{'yes' if same else '**no**'} |")
+    return lines + [""]
 
 
 def plot(out: dict, path: Path) -> None:

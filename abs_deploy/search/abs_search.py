@@ -11,7 +11,7 @@ The steps, top-down:
 3. `start_thresholds` opens every gate the same distance from closing, so which gates close
    first is decided by loss against BOPs, not by how far each tensor's statistics put it from its
    threshold. The search loop alternates weight-gate and activation-gate steps and, with a
-   target, adapts `lam` (a proportional-integral controller on log(BOPs / target)): up while
+   target, adapts `lam` (`controller.py`, proportional-integral on log(BOPs / target)): up while
    above the target, down while below -- through zero if need be, so a search that overshot
    reopens gates instead of stalling (nothing else pulls a closed gate open once the training
    loss is near zero). The integral restarts at every crossing of the target: the gates react
@@ -39,6 +39,7 @@ from abs_deploy import bops, graph
 from abs_deploy.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from abs_deploy.data import Dataset
 from abs_deploy.errors import UserError
+from abs_deploy.search.controller import RELAY, ControllerGains, LambdaController
 from abs_deploy.search.qmodel import calibrate, get_module, model_from_checkpoint, set_module
 from abs_deploy.search.superbit import (
     SUPERBIT_TYPES,
@@ -50,9 +51,6 @@ from abs_deploy.search.superbit import (
 from abs_deploy.search.uniform import searched_checkpoint
 from abs_deploy.train import EpochLog, Progress, TrainConfig, evaluate, no_progress, set_seed, train
 
-LAM_P = 0.5            # lam = LAM_P * err + integral; err = log(B/T)/tolerance clipped to +-1
-LAM_I = 0.01           # per-step growth of the integral at full error
-LAM_MAX = 5.0
 REACH = 2 * TAU        # how far past its largest residual a threshold may go (see clamp)
 GATE_LR = 0.1          # plain SGD on thresholds: a gate moves in proportion to its layer's
                        # share of the BOPs, which is what ranks layers (Adam would equalise them)
@@ -261,7 +259,9 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
                resume_path: str | None = None, tolerance: float = 0.05,
                refine_epochs: int = 1, gate_lr: float = GATE_LR,
                gate_margin: float | None = GATE_MARGIN,
-               pin_bits: tuple[int, int] | None = None, lsq_scale: bool = True) -> dict:
+               pin_bits: tuple[int, int] | None = None, lsq_scale: bool = True,
+               swap_samples: int = 0, gains: ControllerGains = RELAY,
+               on_step: Callable[[float, float], None] | None = None) -> dict:
     """ABS search from an `fp` checkpoint; returns a `searched` checkpoint (method "abs").
 
     `target_bops` (absolute, see `bops.parse_bops`) makes `lam` adapt and the final decision land
@@ -271,7 +271,8 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
     gate starts, see `start_thresholds`. `pin_bits` holds every gate at one (w, a) decision with
     nothing pruned and no BOP loss: the super-bit training path alone, for ablations.
     `lsq_scale=False` trains the clips without LSQ's gradient scale, as the search did before
-    (for the ablation that measured it)."""
+    (for the ablation that measured it). `swap_samples` > 0 runs `swap` after the projection.
+    `gains` sets the lam controller; `on_step(bops, lam)` sees every step."""
     cands = tuple(int(b) for b in candidates)
     if list(cands) != sorted(set(cands)) or cands[0] < 1 or cands[-1] > 8:
         raise UserError(f"candidates must be distinct ascending bitwidths in 1..8, got {cands}")
@@ -299,7 +300,7 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
 
     adapt = target_bops is not None
     state = _State(lam=0.0 if lam is None else float(lam))
-    state.lam_i = state.lam
+    ctl = LambdaController(target_bops, tolerance, gains, state.lam) if adapt else None
     opt_w = torch.optim.SGD([{"params": [p for p in net.weight_params() if p.dim() >= 2],
                               "weight_decay": cfg.weight_decay},
                              {"params": [p for p in net.weight_params() if p.dim() < 2],
@@ -310,7 +311,7 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
                    "max_prune": max_prune, "edge_bits": edge_bits, "epochs": cfg.epochs,
                    "seed": cfg.seed}
     if resume_path and Path(resume_path).is_file():
-        _load_state(resume_path, net, opt_w, opt_g, state, fingerprint)
+        _load_state(resume_path, net, opt_w, opt_g, state, fingerprint, ctl)
 
     set_seed(cfg.seed)
     steps_per_epoch = data.num_batches("train", cfg.batch_size)
@@ -342,12 +343,10 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
             opt_w.step()
             opt_g.step()
             net.clamp_thresholds()
-            if adapt:
-                err = max(-1.0, min(1.0, math.log(b.item() / target_bops) / tolerance))
-                if err * state.lam_i < 0:
-                    state.lam_i = 0.0
-                state.lam_i += LAM_I * err
-                state.lam = min(max(state.lam_i + LAM_P * err, -LAM_MAX), LAM_MAX)
+            if ctl is not None:
+                state.lam = ctl.update(b.item())
+            if on_step is not None:
+                on_step(b.item(), state.lam)
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
@@ -369,12 +368,14 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
         state.logs.append(log.as_dict())
         state.epoch = epoch + 1
         if resume_path:
-            _save_state(resume_path, fp_ckpt, net, opt_w, opt_g, state, fingerprint)
+            _save_state(resume_path, fp_ckpt, net, opt_w, opt_g, state, fingerprint, ctl)
         if on_epoch_end is not None:
             on_epoch_end(log)
 
     searched_bops = net.bops().item()
     moves = project(net, data, target_bops, tolerance) if adapt else 0
+    swapped = (swap(net, data, target_bops, tolerance, swap_samples)
+               if adapt and swap_samples else None)
     net.freeze()
     logs = [_log_from_dict(d) for d in state.logs]
     if refine_epochs > 0:
@@ -389,7 +390,8 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
     return searched_checkpoint(fp_ckpt, model, decision, data, list(costs), fp_top1, logs,
                                method="abs", target_bops=target_bops, lam=state.lam,
                                candidates=list(cands), max_prune=max_prune,
-                               search_bops=searched_bops, projection_moves=moves)
+                               search_bops=searched_bops, projection_moves=moves,
+                               swap=swapped)
 
 
 @torch.no_grad()
@@ -494,6 +496,48 @@ def project(net: SuperBitNet, data: Dataset, target: float, tolerance: float = 0
     return moves
 
 
+def swap(net: SuperBitNet, data: Dataset, target: float, tolerance: float = 0.05,
+         samples: int = 2048, max_rounds: int = 8) -> dict:
+    """Exchange bits between layers at equal cost: from the frozen decision, score every pair of
+    one move down and one move up (see `_moves`) whose BOPs stay in the projection's band by
+    the loss on `samples` validation images, take the pair that lowers it most, and repeat until
+    no pair helps. Returns how many pairs were taken and scored, and the best loss change seen.
+
+    The search ranks gates by a first-order estimate of what closing them costs; the super-bit
+    weights serve every candidate, so a neighbouring decision's real loss can be measured and a
+    mis-ranked pair corrected. Opt-in (`swap_samples`): on Fashion-MNIST it found no pair that
+    helps (benchmarks/README.md), because the weights are co-adapted to the decision they were
+    trained under."""
+    tol = 0.8 * tolerance
+    hi, lo = target * (1 + tol), target * (1 - tol)
+    batches = list(islice(data.batches("val", 256, shuffle=True, seed=54321),
+                          max(1, samples // 256)))
+    loss = _loss_fn(net.model, batches)
+    cur_loss, taken, scored, best_seen = loss(), 0, 0, math.inf
+    for _ in range(max_rounds):
+        best = None
+        for kd, apply_d, undo_d in list(_moves(net, down=True)):
+            apply_d()
+            for ku, apply_u, undo_u in list(_moves(net, down=False)):
+                if ku == kd:
+                    continue
+                apply_u()
+                if lo <= net.bops().item() <= hi:
+                    delta = loss() - cur_loss
+                    scored, best_seen = scored + 1, min(best_seen, delta)
+                    if delta < 0 and (best is None or delta < best[0]):
+                        best = (delta, apply_d, apply_u)
+                undo_u()
+            undo_d()
+        if best is None:
+            break
+        best[1]()
+        best[2]()
+        cur_loss, taken = loss(), taken + 1
+    return {"pairs_taken": taken, "pairs_scored": scored,
+            "best_loss_change": best_seen if scored else None}
+
+
 def _moves(net: SuperBitNet, down: bool):
     """(key, apply, undo) for one level of weight or input bits of one layer, or one step of
     filters of a group."""
@@ -536,16 +580,16 @@ def _loss_fn(model: nn.Module, batches: list) -> Callable[[], float]:
 @dataclass
 class _State:
     lam: float
-    lam_i: float = 0.0
     epoch: int = 0
     logs: list[dict] = field(default_factory=list)
 
 
 def _save_state(path: str, fp_ckpt: dict, net: SuperBitNet, opt_w, opt_g, state: _State,
-                fingerprint: dict) -> None:
+                fingerprint: dict, ctl: LambdaController | None) -> None:
     """The search after an epoch, as a `searched` checkpoint (so `abs bops` and export can read
     it) plus a `resume` record; written atomically, so a kill mid-write keeps the last one."""
-    resume = {"epoch": state.epoch, "lam": state.lam, "lam_i": state.lam_i, "logs": state.logs,
+    resume = {"epoch": state.epoch, "lam": state.lam, "logs": state.logs,
+              "controller": ctl.state_dict() if ctl is not None else None,
               "opt_w": opt_w.state_dict(), "opt_g": opt_g.state_dict(),
               "a_signed": {n: bool(m.a_signed) for n, m in net.layers.items()},
               "fingerprint": fingerprint}
@@ -556,7 +600,7 @@ def _save_state(path: str, fp_ckpt: dict, net: SuperBitNet, opt_w, opt_g, state:
 
 
 def _load_state(path: str, net: SuperBitNet, opt_w, opt_g, state: _State,
-                fingerprint: dict) -> None:
+                fingerprint: dict, ctl: LambdaController | None) -> None:
     # The same reader as every checkpoint: no pickled objects, no code the file names.
     ckpt = load_checkpoint(path, stages=("searched",))
     resume = ckpt.get("resume")
@@ -570,7 +614,9 @@ def _load_state(path: str, net: SuperBitNet, opt_w, opt_g, state: _State,
     opt_g.load_state_dict(resume["opt_g"])
     for n, signed in resume["a_signed"].items():
         net.layers[n].a_signed = signed
-    state.lam, state.lam_i = resume["lam"], resume["lam_i"]
+    state.lam = resume["lam"]
+    if ctl is not None and isinstance(resume.get("controller"), dict):
+        ctl.load_state_dict(resume["controller"])
     state.epoch, state.logs = resume["epoch"], list(resume["logs"])
 
 
