@@ -196,6 +196,26 @@ class UpsampleNet(nn.Module):
         return self.fc((fine + up).mean((2, 3)))
 
 
+class FPNLevel(nn.Module):
+    """One FPN level: a lateral 1x1 conv on the fine map added to the upsampled top-down map.
+    Its layers are few and far apart in BOPs, so single projection moves jump over the band."""
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(*_cbr(in_chans, 16))
+        self.down = nn.Sequential(*_cbr(16, 32, stride=2))
+        self.top = nn.Conv2d(32, 24, 1)
+        self.lateral = nn.Conv2d(16, 24, 1)
+        self.head = nn.Sequential(*_cbr(24, 24))
+        self.fc = nn.Linear(24, num_classes)
+
+    def forward(self, x):
+        fine = self.stem(x)
+        coarse = self.top(self.down(fine))
+        p = self.lateral(fine) + F.interpolate(coarse, scale_factor=2.0, mode="nearest")
+        return self.fc(self.head(p).mean((2, 3)))
+
+
 def vgg(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
     return VGG(num_classes, in_chans)
 
@@ -239,5 +259,10 @@ def upsample_net(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
     return UpsampleNet(num_classes, in_chans)
 
 
+def fpn_level(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
+    return FPNLevel(num_classes, in_chans)
+
+
 ALL = ["vgg", "view_net", "resnet18_style", "resnet50_style", "resnext_style", "densenet_style",
-       "inception_style", "se_net", "mobilenetv2_style", "upsample_net"]
+       "inception_style", "se_net", "mobilenetv2_style", "upsample_net",
+       "fpn_level"]

@@ -456,7 +456,9 @@ def project(net: SuperBitNet, data: Dataset, target: float, tolerance: float = 0
     step of a group's filters) on validation batches (it chooses, so never on the test split),
     ranks them by loss change per BOP, and applies them best-first, at most one per layer and
     kind, until the band is reached; the next round re-measures. Rounds rather than one move per
-    measurement keep it to a few seconds when the search ended far from the target."""
+    measurement keep it to a few seconds when the search ended far from the target. Below the
+    band with no move up small enough, the best one is taken anyway and the way back down goes
+    through other layers."""
     net.freeze()
     tol = 0.8 * tolerance
     hi, lo = target * (1 + tol), target * (1 - tol)
@@ -464,13 +466,15 @@ def project(net: SuperBitNet, data: Dataset, target: float, tolerance: float = 0
                           max(1, PROJECT_SAMPLES // 128)))
     loss = _loss_fn(net.model, batches)
     cur_loss, cur = loss(), net.bops().item()
-    moves = 0
+    moves, locked = 0, set()
     for _ in range(max_rounds):
         if lo <= cur <= hi:
             break
         down = cur > target
         scored = []
         for key, apply, undo in _moves(net, down):
+            if key in locked:
+                continue
             apply()
             nb = net.bops().item()
             if (nb < cur) if down else (nb > cur):
@@ -491,7 +495,15 @@ def project(net: SuperBitNet, data: Dataset, target: float, tolerance: float = 0
             if (cur <= hi) if down else (cur >= lo):
                 break
         if not touched:
-            break
+            if not scored:
+                break
+            # Below the band and every move up jumps over it (a layer whose next bit level is
+            # a large share of the model): take the best one anyway and come back down in
+            # smaller steps elsewhere; locking it keeps the way down from undoing it.
+            _, key, apply, _ = scored[0]
+            apply()
+            locked.add(key)
+            cur, moves = net.bops().item(), moves + 1
         cur_loss = loss()
     return moves
 
@@ -515,27 +527,49 @@ def swap(net: SuperBitNet, data: Dataset, target: float, tolerance: float = 0.05
     loss = _loss_fn(net.model, batches)
     cur_loss, taken, scored, best_seen = loss(), 0, 0, math.inf
     for _ in range(max_rounds):
-        best = None
-        for kd, apply_d, undo_d in list(_moves(net, down=True)):
-            apply_d()
-            for ku, apply_u, undo_u in list(_moves(net, down=False)):
-                if ku == kd:
-                    continue
-                apply_u()
-                if lo <= net.bops().item() <= hi:
-                    delta = loss() - cur_loss
-                    scored, best_seen = scored + 1, min(best_seen, delta)
-                    if delta < 0 and (best is None or delta < best[0]):
-                        best = (delta, apply_d, apply_u)
-                undo_u()
-            undo_d()
-        if best is None:
+        pair = _best_pair(net, lo, hi, loss)
+        if pair is None:
             break
-        best[1]()
-        best[2]()
-        cur_loss, taken = loss(), taken + 1
+        scored, best_seen = scored + pair.scored, min(best_seen, pair.loss - cur_loss)
+        if pair.loss >= cur_loss:
+            break
+        pair.apply()
+        cur_loss, taken = pair.loss, taken + 1
     return {"pairs_taken": taken, "pairs_scored": scored,
             "best_loss_change": best_seen if scored else None}
+
+
+@dataclass
+class _Pair:
+    loss: float
+    apply_down: Callable[[], None]
+    apply_up: Callable[[], None]
+    scored: int
+
+    def apply(self) -> None:
+        self.apply_down()
+        self.apply_up()
+
+
+def _best_pair(net: SuperBitNet, lo: float, hi: float, loss: Callable[[], float]
+               ) -> _Pair | None:
+    """Of all pairs of one move down and one move up (different layers or kinds) that put the
+    BOPs in `[lo, hi]`, the one with the least loss; None when no pair does."""
+    best, scored = None, 0
+    for kd, apply_d, undo_d in list(_moves(net, down=True)):
+        apply_d()
+        for ku, apply_u, undo_u in list(_moves(net, down=False)):
+            if ku != kd:
+                apply_u()
+                if lo <= net.bops().item() <= hi:
+                    value, scored = loss(), scored + 1
+                    if best is None or value < best.loss:
+                        best = _Pair(value, apply_d, apply_u, 0)
+                undo_u()
+        undo_d()
+    if best is not None:
+        best.scored = scored
+    return best
 
 
 def _moves(net: SuperBitNet, down: bool):
