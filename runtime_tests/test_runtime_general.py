@@ -19,7 +19,8 @@ import general_nets  # noqa: E402  (loaded by import path "general_nets:<factory
 # mobilenetv2_style is the zoo's MobileNetV2, which test_runtime_zoo.py already exports.
 FACTORIES = [f for f in general_nets.ALL if f != "mobilenetv2_style"]
 # The ones export must refuse, and the words the refusal must hold: the op and the module.
-REFUSED = {"upsample_net": ("aten.upsample_nearest2d", "UpsampleNet")}
+REFUSED = {"upsample_net": ("aten.upsample_nearest2d", "UpsampleNet"),
+           "fpn_level": ("aten.upsample_nearest2d", "FPNLevel")}
 
 
 @pytest.fixture(autouse=True)
