@@ -566,7 +566,9 @@ def markdown(out: dict) -> str:
               f"Runs: {len(out['runs'])}, from commit(s) {', '.join(c[:10] for c in commits)}; "
               f"method code digest(s) {', '.join(codes)}"
               + (" (one: every run computed by the same code)." if len(codes) == 1 else
-                 " (**more than one: the runs came from different code**)."),
+                 " (**more than one: the runs came from different code**; each run's commit "
+                 "is in its file, and the reruns below, if any, repeat older runs with later "
+                 "code)."),
               *_reruns_md(out.get("reruns", [])),
               "Each run's own record (command, packages, CPU, threads, date) is in "
               "`results/pareto/runs/`; the FP model's in `results/pareto/fp.json`. The record "
