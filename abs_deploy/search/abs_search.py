@@ -100,8 +100,9 @@ class SuperBitNet:
 
     def group_mask(self, g: GateGroup) -> Tensor:
         if g.forced is not None:
-            keep = torch.argsort(self.norms(g), descending=True, stable=True)[:g.forced]
-            mask = torch.zeros(g.channels)
+            norms = self.norms(g)
+            keep = torch.argsort(norms, descending=True, stable=True)[:g.forced]
+            mask = norms.new_zeros(g.channels)
             mask[keep] = 1.0
             return mask
         return filter_gate(self.norms(g), self.layers[g.owner].f_thr, self.max_prune)
@@ -115,7 +116,8 @@ class SuperBitNet:
     def bops(self) -> Tensor:
         """BOPs of the current gates (float64, differentiable in every threshold)."""
         kept = {g.id: self.group_mask(g).double().sum() for g in self.groups}
-        total = torch.zeros((), dtype=torch.float64)
+        device = next(iter(self.layers.values())).weight.device
+        total = torch.zeros((), dtype=torch.float64, device=device)
         for name in self.order:
             c, layer = self.costs[name], self.layers[name]
             g = self.group_of.get(name)

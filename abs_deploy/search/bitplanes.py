@@ -69,7 +69,7 @@ class _BitPlaneMixin:
 
     def integer_weight(self) -> Tensor:
         """The continuous magnitude sum `sum_i (p_i - n_i) 2^i` (an integer after requant)."""
-        powers = 2.0 ** torch.arange(self.n_bits, dtype=self.pos.dtype)
+        powers = 2.0 ** torch.arange(self.n_bits, dtype=self.pos.dtype, device=self.pos.device)
         powers = powers.view(-1, *([1] * (self.pos.dim() - 1)))
         return ((self.pos - self.neg) * powers).sum(0)
 
@@ -96,7 +96,7 @@ class _BitPlaneMixin:
         plane parameters (their shape may change, so any optimizer holding them is stale)."""
         q = q.to(self.weight.dtype)
         mag = q.abs().to(torch.int64)
-        shifts = torch.arange(n_bits).view(-1, *([1] * q.dim()))
+        shifts = torch.arange(n_bits, device=q.device).view(-1, *([1] * q.dim()))
         bits = ((mag.unsqueeze(0) >> shifts) & 1).to(q.dtype)
         self.pos = nn.Parameter(bits * (q > 0))
         self.neg = nn.Parameter(bits * (q < 0))

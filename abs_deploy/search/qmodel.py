@@ -86,7 +86,7 @@ def attach_masks(model: nn.Module, decision: Mapping[str, dict]) -> None:
         n_out = layer.weight.shape[0]
         if len(d["kept"]) == n_out:
             continue
-        mask = torch.zeros(n_out)
+        mask = layer.weight.new_zeros(n_out)
         mask[d["kept"]] = 1.0
         bn = d.get("bn")
         target = get_module(model, bn) if bn and _is_norm(get_module(model, bn)) else layer

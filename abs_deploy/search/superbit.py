@@ -182,9 +182,9 @@ def step_ste(z: Tensor, tau: float = TAU) -> Tensor:
     return (z > 0).to(soft.dtype) + (soft - soft.detach())
 
 
-def gates_for_level(level: int, n_gates: int) -> Tensor:
+def gates_for_level(level: int, n_gates: int, device: torch.device | None = None) -> Tensor:
     """Hard gates selecting level `level` (0 = the lowest candidate)."""
-    return (torch.arange(n_gates) < level).float()
+    return (torch.arange(n_gates, device=device) < level).float()
 
 
 def bits_from_gates(gates: Tensor, bits: Sequence[int]) -> Tensor:
@@ -268,7 +268,7 @@ class _SuperBitMixin:
     def w_gates(self) -> Tensor:
         n = len(self.candidates) - 1
         if self.forced is not None:
-            return gates_for_level(self.candidates.index(self.forced[0]), n)
+            return gates_for_level(self.candidates.index(self.forced[0]), n, self.w_thr.device)
         return step_ste(self.w_residuals() - self.w_thr)
 
     def w_residuals(self) -> Tensor:
@@ -283,7 +283,7 @@ class _SuperBitMixin:
     def a_gates(self) -> Tensor:
         n = len(self.candidates) - 1
         if self.forced is not None:
-            return gates_for_level(self.candidates.index(self.forced[1]), n)
+            return gates_for_level(self.candidates.index(self.forced[1]), n, self.a_thr.device)
         return step_ste(self.a_m - self.a_thr)
 
     def w_bits_t(self) -> Tensor:
