@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from abs_deploy.device import device_of
 from abs_deploy.errors import UserError, first_line
 
 FP_BITS = 32
@@ -75,7 +76,7 @@ def layer_costs(model: nn.Module, input_shape: tuple[int, ...]) -> list[LayerCos
     try:
         model.eval()
         with torch.no_grad():
-            model(torch.zeros(1, *input_shape[1:]))
+            model(torch.zeros(1, *input_shape[1:], device=device_of(model)))
     # The shape is the user's (`abs bops --input-shape`) or the data's: a model that cannot
     # take it (a kernel larger than the image, the wrong channel count) is their input's fault.
     except (RuntimeError, ValueError) as e:

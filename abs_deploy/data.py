@@ -12,6 +12,7 @@ float size), and normalised per batch with the dataset's mean/std, which travel 
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import importlib.util
@@ -79,6 +80,11 @@ class Dataset:
     std: list[float]
     augment: bool = False        # random crop (pad 4) + horizontal flip, the CIFAR recipe
     extra: dict = field(default_factory=dict)
+    device: str = "cpu"          # where `batches` delivers; the data itself stays in memory
+
+    def on(self, device: str) -> Dataset:
+        """The same data, its batches delivered on `device` (see `device.resolve_device`)."""
+        return dataclasses.replace(self, device=device)
 
     @property
     def input_shape(self) -> list[int]:
@@ -114,7 +120,7 @@ class Dataset:
             xb = x[idx]
             if augment:
                 xb = _crop_flip(xb, gen)
-            yield self.normalize(xb), y[idx]
+            yield self.normalize(xb).to(self.device), y[idx].to(self.device)
 
     def num_batches(self, split: str, batch_size: int) -> int:
         return (len(self.split(split)[1]) + batch_size - 1) // batch_size

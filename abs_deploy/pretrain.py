@@ -29,6 +29,7 @@ def pretrain(model_name: str, data: Dataset, cfg: TrainConfig,
     set_seed(cfg.seed)   # before building: initial weights are part of the run
     model = create_model(model_name, **kwargs)
     check_fits(model, model_name, data.input_shape, data.num_classes)
+    model.to(data.device)
     logs: list[EpochLog] = train(model, data, cfg, progress, on_epoch_end=on_epoch_end)
     fp_bops = bops.totals(bops.bops_table(bops.layer_costs(model, data.input_shape)))
     return make_checkpoint("fp", arch, data.input_spec(), data.num_classes, model.state_dict(),

@@ -203,7 +203,8 @@ def checkpoint_data_options(fn: Callable) -> Callable:
 
 def train_options(epochs: int | None = None, lr: float | None = None,
                   batch_size: int = 64) -> Callable:
-    """--epochs/--lr/--batch-size/--seed; a None default means "the method's own default"."""
+    """--epochs/--lr/--batch-size/--seed/--device; a None default means "the method's own
+    default"."""
     def decorate(fn):
         for opt in reversed([
             click.option("--epochs", type=click.IntRange(1), default=epochs,
@@ -213,6 +214,9 @@ def train_options(epochs: int | None = None, lr: float | None = None,
             click.option("--batch-size", type=click.IntRange(1), default=batch_size,
                          show_default=True),
             click.option("--seed", type=int, default=0, show_default=True),
+            click.option("--device", default="auto", show_default=True,
+                         help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps. "
+                              "Checkpoints are written with CPU tensors either way."),
         ]):
             fn = opt(fn)
         return fn

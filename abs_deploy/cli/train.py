@@ -24,6 +24,7 @@ from abs_deploy.cli.common import (
     train_options,
 )
 from abs_deploy.data import DATASETS, dataset_for, load_dataset
+from abs_deploy.device import resolve_device
 from abs_deploy.errors import UserError
 from abs_deploy.files import check_output
 from abs_deploy.models.registry import build_model, create_model, data_kwargs, default_input_shape
@@ -44,13 +45,14 @@ BITS = click.IntRange(2, 8)
 @train_options(epochs=30, lr=0.1)
 @guarded
 def pretrain(model_name, model_kwargs, dataset, data_dir, image_size, output, epochs, lr,
-             batch_size, seed):
+             batch_size, seed, device):
     """Train the full-precision starting point."""
     from abs_deploy.pretrain import pretrain as run
 
     check_output(output)
     kwargs = _json_kwargs(model_kwargs)
-    data = load_dataset(dataset, data_dir, image_size=image_size)
+    device = resolve_device(device)
+    data = load_dataset(dataset, data_dir, image_size=image_size).on(device)
     cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
     ckpt = run(model_name, data, cfg, kwargs, progress, epoch_printer("pretrain"))
     save_checkpoint(ckpt, output)
@@ -97,9 +99,11 @@ _DEFAULTS = {"uniform": (10, 0.01), "abs": (15, 0.01), "bsq": (15, 0.01), "finet
 @model_code_options
 @guarded
 def search(checkpoint, method, target_bops, lam, candidates, max_prune, resume, alpha, act_bits,
-           w_bits, a_bits, edge_bits, dataset, data_dir, output, epochs, lr, batch_size, seed):
+           w_bits, a_bits, edge_bits, dataset, data_dir, output, epochs, lr, batch_size, seed,
+           device):
     """Search per-layer bits (and, for abs, pruned filters) from a trained FP checkpoint."""
     check_output(output, [checkpoint])
+    device = resolve_device(device)
     state = Path(f"{output}.partial")
     if method == "abs":
         check_output(state, [checkpoint])
@@ -113,7 +117,7 @@ def search(checkpoint, method, target_bops, lam, candidates, max_prune, resume, 
         load_checkpoint(state, stages=("searched",))  # an input too: refused before any work
     target = _target(target_bops, fp) if target_bops else None
     cands = _bits_list(candidates)
-    data = dataset_for(fp["input"], data_dir, dataset)
+    data = dataset_for(fp["input"], data_dir, dataset).on(device)
     cfg = _config("uniform" if method == "uniform" else method, epochs, lr, batch_size, seed)
     if method == "uniform":
         from abs_deploy.search.uniform import uniform_qat
@@ -143,13 +147,14 @@ def search(checkpoint, method, target_bops, lam, candidates, max_prune, resume, 
 @train_options()
 @model_code_options
 @guarded
-def finetune(checkpoint, dataset, data_dir, output, epochs, lr, batch_size, seed):
+def finetune(checkpoint, dataset, data_dir, output, epochs, lr, batch_size, seed, device):
     """Train a searched configuration in its deployable form (BN folded, bits fixed)."""
     from abs_deploy.search.finetune import finetune as run
 
     check_output(output, [checkpoint])
+    device = resolve_device(device)
     searched = load_checkpoint(checkpoint, stages=("searched",))
-    data = dataset_for(searched["input"], data_dir, dataset)
+    data = dataset_for(searched["input"], data_dir, dataset).on(device)
     ckpt = run(searched, data, _config("finetune", epochs, lr, batch_size, seed), progress,
                epoch_printer("finetune"))
     save_checkpoint(ckpt, output)

@@ -284,12 +284,13 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
         raise UserError("give a BOP target or a fixed lam")
     if not 0 <= max_prune < 1:
         raise UserError(f"max_prune must be in [0, 1), got {max_prune}")
-    model = model_from_checkpoint(fp_ckpt)
-    example = torch.zeros(data.input_shape)
+    model = model_from_checkpoint(fp_ckpt).to(data.device)
+    example = torch.zeros(data.input_shape, device=data.device)
     fp_top1 = evaluate(model, data, "test")
     costs = bops.layer_costs(model, data.input_shape)
     fp_bops = float(bops.totals(bops.bops_table(costs))["bops"])
     net = to_superbit(model, example, cands, max_prune, edge_bits)
+    model.to(data.device)        # the super-bit layers' new clips, thresholds and gates
     for layer in net.layers.values():
         layer.lsq_scale = lsq_scale
     _check_target(net, target_bops)

@@ -61,8 +61,8 @@ def bsq_search(fp_ckpt: dict, data: Dataset, alpha: float, act_bits: int, cfg: T
         raise UserError(f"--requant-every must be >= 1, got {requant_every}")
     if not 2 <= act_bits <= 8:
         raise UserError(f"--act-bits must be in [2, 8], got {act_bits}")
-    model = model_from_checkpoint(fp_ckpt)
-    example = torch.zeros(data.input_shape)
+    model = model_from_checkpoint(fp_ckpt).to(data.device)
+    example = torch.zeros(data.input_shape, device=data.device)
     order = graph.layer_order(model, example)
     bn_of = graph.following_norm(model, example)
     costs = bops.layer_costs(model, data.input_shape)
@@ -77,6 +77,7 @@ def bsq_search(fp_ckpt: dict, data: Dataset, alpha: float, act_bits: int, cfg: T
         if name not in edges:
             set_module(model, name, to_bitplane(get_module(model, name), MAX_MAG_BITS, act_bits))
     layers = {n: get_module(model, n) for n in order if n not in edges}
+    model.to(data.device)        # the bit-plane layers' new parameters
     prepare_quantizers(model, data)
     for layer in layers.values():
         layer.sync()    # prepare_quantizers set an MSE clip; a bit-plane layer's clip is s * 2^n

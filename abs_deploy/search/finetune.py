@@ -34,6 +34,7 @@ def finetune(ckpt: dict, data: Dataset, cfg: TrainConfig, progress: Progress = n
     model = model_from_checkpoint(ckpt)
     if not ckpt.get("bn_folded"):
         fold_batchnorm(model, ckpt["decision"])
+    model.to(data.device)
     start_top1 = evaluate(model, data, "test")
     logs = train(model, data, cfg, progress, on_epoch_end=on_epoch_end)
     rows = bops.decision_bops(ckpt["decision"], ckpt["arch"], data.input_shape)

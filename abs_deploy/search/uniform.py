@@ -33,8 +33,8 @@ def uniform_qat(fp_ckpt: dict, data: Dataset, w_bits: int, a_bits: int, cfg: Tra
                 on_epoch_end=None) -> dict:
     """Quantize an `fp` checkpoint's model at fixed bits, train it, return a `searched`
     checkpoint with a complete decision record."""
-    model = model_from_checkpoint(fp_ckpt)
-    example = torch.zeros(data.input_shape)
+    model = model_from_checkpoint(fp_ckpt).to(data.device)
+    example = torch.zeros(data.input_shape, device=data.device)
     order = graph.layer_order(model, example)
     bn_of = graph.following_norm(model, example)
     costs = bops.layer_costs(model, data.input_shape)
@@ -42,6 +42,7 @@ def uniform_qat(fp_ckpt: dict, data: Dataset, w_bits: int, a_bits: int, cfg: Tra
     bits = bops.default_bits(costs, w_bits, a_bits, edge_bits)
     bits = {name: bits[name] for name in order}
     quantize_model(model, bits)
+    model.to(data.device)        # the quantized layers' new clips
     prepare_quantizers(model, data)
     logs = train(model, data, cfg, progress, on_epoch_end=on_epoch_end)
     decision = make_decision(model, bn_of)
