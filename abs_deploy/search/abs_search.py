@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from abs_deploy import bops, graph
 from abs_deploy.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from abs_deploy.data import Dataset
+from abs_deploy.device import device_of
 from abs_deploy.errors import UserError
 from abs_deploy.search.controller import RELAY, ControllerGains, LambdaController
 from abs_deploy.search.qmodel import calibrate, get_module, model_from_checkpoint, set_module
@@ -116,8 +117,7 @@ class SuperBitNet:
     def bops(self) -> Tensor:
         """BOPs of the current gates (float64, differentiable in every threshold)."""
         kept = {g.id: self.group_mask(g).double().sum() for g in self.groups}
-        device = next(iter(self.layers.values())).weight.device
-        total = torch.zeros((), dtype=torch.float64, device=device)
+        total = torch.zeros((), dtype=torch.float64, device=device_of(self.model))
         for name in self.order:
             c, layer = self.costs[name], self.layers[name]
             g = self.group_of.get(name)
@@ -463,8 +463,7 @@ def project(net: SuperBitNet, data: Dataset, target: float, tolerance: float = 0
     band with no move up small enough, the best one is taken anyway and the way back down goes
     through other layers."""
     net.freeze()
-    tol = 0.8 * tolerance
-    hi, lo = target * (1 + tol), target * (1 - tol)
+    lo, hi = _band(target, tolerance)
     batches = list(islice(data.batches("val", 128, shuffle=True, seed=12345),
                           max(1, PROJECT_SAMPLES // 128)))
     loss = _loss_fn(net.model, batches)
@@ -524,8 +523,7 @@ def swap(net: SuperBitNet, data: Dataset, target: float, tolerance: float = 0.05
     pair on two of three seeds and moved fine-tuned top-1 by +0.19 points on average, inside
     the seed noise (benchmarks/README.md): the searched decision is already close to a local
     optimum of this loss, whose weights are co-adapted to the decision they were trained under."""
-    tol = 0.8 * tolerance
-    hi, lo = target * (1 + tol), target * (1 - tol)
+    lo, hi = _band(target, tolerance)
     batches = list(islice(data.batches("val", 256, shuffle=True, seed=54321),
                           max(1, samples // 256)))
     loss = _loss_fn(net.model, batches)
@@ -541,6 +539,13 @@ def swap(net: SuperBitNet, data: Dataset, target: float, tolerance: float = 0.05
         cur_loss, taken = pair.loss, taken + 1
     return {"pairs_taken": taken, "pairs_scored": scored,
             "best_loss_change": best_seen if scored else None}
+
+
+def _band(target: float, tolerance: float) -> tuple[float, float]:
+    """The BOPs the decision steps (projection, swap) aim into: 80% of `tolerance` either side of
+    the target, a margin that costs nothing since the count is exact."""
+    tol = 0.8 * tolerance
+    return target * (1 - tol), target * (1 + tol)
 
 
 @dataclass
