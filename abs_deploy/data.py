@@ -6,8 +6,12 @@ Every dataset has three splits (DESIGN §12): `train` (weights), `val` (everythi
 best epoch, controllers) carved from the training data with a fixed seed, and `test` (what is
 reported), which nothing that chooses ever reads.
 
-Images are kept in memory in [0, 1] (as uint8 for CIFAR and Fashion-MNIST: a quarter of the
-float size), and normalised per batch with the dataset's mean/std, which travel in the checkpoint.
+Every split is read through a `torch.utils.data.DataLoader` (`Dataset.on(device, workers=N)`),
+a batch at a time, and sharded over ranks like DistributedSampler. The embedded, Fashion-MNIST,
+CIFAR and synthetic images are kept in memory in [0, 1] (as uint8 for CIFAR and Fashion-MNIST: a
+quarter of the float size); an image folder keeps only its file list and labels and decodes each
+image in the loader's workers (`abs_deploy.images`), so memory does not grow with its size.
+Batches are normalised with the dataset's mean/std, which travel in the checkpoint.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import gzip
 import hashlib
 import importlib.util
 import pickle
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from abs_deploy.errors import UserError
+from abs_deploy.images import ImageFiles, list_images, uniforms
 
 DATASETS = ("digits", "digits32", "fashion-mnist", "cifar10", "cifar100", "imagefolder",
             "synthetic")
@@ -49,7 +56,8 @@ _FASHION = {
              ("t10k-labels-idx1-ubyte.gz", 10000,
               "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34")),
 }
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# A streamed folder's mean/std are estimated from this many training images (_folder_mean_std).
+MEAN_STD_SAMPLE = 256
 
 # The files of the standard `cifar-*-python` archives and their MD5 sums (as published with them).
 _CIFAR = {
@@ -69,28 +77,37 @@ _CIFAR = {
 @dataclass
 class Dataset:
     name: str
-    train_x: Tensor              # N x C x H x W, uint8 or float in [0, 1]
+    train_x: Tensor | None       # N x C x H x W, uint8 or float in [0, 1]; None when streamed
     train_y: Tensor
-    val_x: Tensor                # carved from the training data: what chooses reads this
+    val_x: Tensor | None         # carved from the training data: what chooses reads this
     val_y: Tensor
-    test_x: Tensor               # what is reported; nothing that chooses reads it
+    test_x: Tensor | None        # what is reported; nothing that chooses ever reads it
     test_y: Tensor
     num_classes: int
     mean: list[float]
     std: list[float]
-    augment: bool = False        # random crop (pad 4) + horizontal flip, the CIFAR recipe
+    augment: bool = False        # training views: CIFAR's crop + flip, a folder's resized crop
     extra: dict = field(default_factory=dict)
-    device: str = "cpu"          # where `batches` delivers; the data itself stays in memory
+    device: str = "cpu"          # where `batches` delivers; the data itself stays where it is
+    files: ImageFiles | None = None   # a streamed folder: its images, read per item
+    workers: int = 0             # DataLoader worker processes (0: read in this process)
 
-    def on(self, device: str) -> Dataset:
-        """The same data, its batches delivered on `device` (see `device.resolve_device`)."""
-        return dataclasses.replace(self, device=device)
+    def on(self, device: str, workers: int | None = None) -> Dataset:
+        """The same data, its batches delivered on `device` (see `device.resolve_device`) and
+        read by `workers` DataLoader processes (default: as now)."""
+        if workers is not None and workers < 0:
+            raise UserError(f"workers must be 0 or more, got {workers}")
+        return dataclasses.replace(self, device=device,
+                                   workers=self.workers if workers is None else workers)
 
     @property
     def input_shape(self) -> list[int]:
+        if self.files is not None:
+            return [1, 3, self.files.size, self.files.size]
         return [1, *self.test_x.shape[1:]]
 
-    def split(self, name: str) -> tuple[Tensor, Tensor]:
+    def split(self, name: str) -> tuple[Tensor | None, Tensor]:
+        """(images, labels) of split `name`; images are None for a streamed folder."""
         if name not in SPLITS:
             raise ValueError(f"unknown split '{name}'; known: {', '.join(SPLITS)}")
         return getattr(self, f"{name}_x"), getattr(self, f"{name}_y")
@@ -104,26 +121,65 @@ class Dataset:
 
     def normalize(self, x: Tensor) -> Tensor:
         x = x.float().div_(255) if x.dtype == torch.uint8 else x.float()
-        mean = torch.tensor(self.mean).view(1, -1, 1, 1)
-        std = torch.tensor(self.std).view(1, -1, 1, 1)
+        mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
         return (x - mean) / std
 
-    def batches(self, split: str, batch_size: int, shuffle: bool = False,
-                seed: int = 0, augment: bool | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-        """Normalised (x, y) batches; deterministic for a given seed."""
-        x, y = self.split(split)
+    def batches(self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0,
+                augment: bool | None = None, rank: int = 0,
+                world: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+        """Normalised (x, y) batches of `split` on `self.device`: rank `rank`'s share of
+        `world`. `batch_size` is the global batch (each rank takes batch_size / world). Shuffled
+        (training), the order is DistributedSampler's for `seed` (with world 1: `randperm`
+        seeded with `seed`); in order (evaluation), rank r takes images r, r + world, ... and
+        every image is read exactly once over the ranks. Deterministic for a given seed,
+        whatever the number of workers."""
         augment = self.augment and split == "train" if augment is None else augment
-        gen = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(x), generator=gen) if shuffle else torch.arange(len(x))
-        for i in range(0, len(x), batch_size):
-            idx = order[i:i + batch_size]
-            xb = x[idx]
-            if augment:
-                xb = _crop_flip(xb, gen)
-            yield self.normalize(xb).to(self.device), y[idx].to(self.device)
+        key = (split, batch_size, shuffle, augment, rank, world)
+        # Out of the cache while in use: a second reader of the same key gets its own loader
+        # instead of restarting this one's persistent workers mid-epoch.
+        cache = self._loaders()
+        loader = cache.pop(key, None) or self._loader(*key)
+        loader.sampler.seed = seed
+        try:
+            for item in loader:
+                if isinstance(item, _Unreadable):
+                    raise UserError(item.message)
+                x, y = item
+                x = x.to(self.device, non_blocking=True)
+                yield self.normalize(x), y.to(self.device, non_blocking=True)
+        finally:
+            cache[key] = loader
 
-    def num_batches(self, split: str, batch_size: int) -> int:
-        return (len(self.split(split)[1]) + batch_size - 1) // batch_size
+    def num_batches(self, split: str, batch_size: int, world: int = 1) -> int:
+        """Steps of one training epoch (shuffled batches) per rank."""
+        shard = -(-len(self.split(split)[1]) // world)
+        return -(-shard // _per_rank(batch_size, world, shuffle=True))
+
+    def _loaders(self) -> dict[tuple, DataLoader]:
+        """This Dataset's DataLoaders by (split, batch size, shuffle, augment, rank, world),
+        kept so that persistent workers start once, not every epoch. A `replace`d Dataset
+        (other tensors, device, workers) gets its own."""
+        loaders = _LOADERS.get(id(self))
+        if loaders is None:
+            loaders = _LOADERS[id(self)] = {}
+            weakref.finalize(self, _LOADERS.pop, id(self), None)
+        return loaders
+
+    def _loader(self, split: str, batch_size: int, shuffle: bool, augment: bool, rank: int,
+                world: int) -> DataLoader:
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not one of the {world} ranks")
+        x, y = self.split(split)
+        reader = (_TensorBatches(x, y, augment) if self.files is None
+                  else _FileBatches(self.files, split, y, augment))
+        sampler = _BatchSampler(len(y), _per_rank(batch_size, world, shuffle), shuffle, rank,
+                                world)
+        # batch_size=None: the sampler hands the reader a whole batch of indices, so in-memory
+        # sets are indexed a batch at a time and a folder is decoded item by item in a worker.
+        return DataLoader(reader, batch_size=None, sampler=sampler, num_workers=self.workers,
+                          pin_memory=self.device.startswith("cuda"),
+                          persistent_workers=self.workers > 0)
 
 
 def load_dataset(name: str, data_dir: str | None = None, verify: bool = True,
@@ -339,30 +395,34 @@ def _image_folder(root: Path, size: int) -> Dataset:
     """Images in one subfolder per class, as `root/train/<class>/` and `root/val/<class>/` (the
     ImageNet layout: `val/` is what is reported, so it is the test split, and a tenth of
     `train/` is carved out for validation), or `root/<class>/`, split 70/10/20 per class with a
-    fixed seed. Each image is resized (shorter side) and centre-cropped to `size` once, on load,
-    and kept in memory as uint8."""
+    fixed seed. Streamed: only the file list and labels are read here; each image is decoded
+    when a batch needs it (`abs_deploy.images`)."""
     if not root.is_dir():
         raise UserError(f"imagefolder: {root} is not a folder")
     if (root / "train").is_dir() and (root / "val").is_dir():
         classes = _class_names(root / "train")
-        x, y = _read_images(root / "train", classes, size)
-        test_x, test_y = _read_images(root / "val", classes, size)
+        files, y = list_images(root / "train", classes, root)
+        test_files, test_y = list_images(root / "val", classes, root)
     else:
         classes = _class_names(root)
-        x, y = _read_images(root, classes, size)
+        files, y = list_images(root, classes, root)
         rest, test = carve_validation(y, len(y) // 5, seed=1)
-        x, y, test_x, test_y = x[rest], y[rest], x[test], y[test]
+        files, y, test_files, test_y = files[rest.numpy()], y[rest], files[test.numpy()], y[test]
     if len(classes) < 2:
         raise UserError(f"imagefolder: {root} has one class ({classes[0]}); a classifier needs "
                         "two or more class subfolders")
-    ds = _with_validation("imagefolder", x, y, test_x, test_y, len(classes),
-                          max(len(classes), len(y) // 10), augment=True)
-    for name, n in ds.split_sizes().items():
-        if n == 0:
+    fit, val = carve_validation(y, max(len(classes), len(y) // 10))
+    labels = {"train": y[fit], "val": y[val], "test": test_y}
+    for name, split_y in labels.items():
+        if len(split_y) == 0:
             raise UserError(f"imagefolder: {root} has too few images to fill the {name} split "
                             "(each class needs at least 3 images)")
-    ds.extra["classes"] = classes
-    return ds
+    images = ImageFiles(str(root), {"train": files[fit.numpy()], "val": files[val.numpy()],
+                                    "test": test_files}, size)
+    mean, std = _folder_mean_std(images)
+    return Dataset("imagefolder", None, labels["train"], None, labels["val"], None, test_y,
+                   len(classes), mean, std, augment=True, files=images,
+                   extra={"classes": classes})
 
 
 def _class_names(folder: Path) -> list[str]:
@@ -372,29 +432,23 @@ def _class_names(folder: Path) -> list[str]:
     return classes
 
 
-def _read_images(folder: Path, classes: list[str], size: int) -> tuple[Tensor, Tensor]:
-    from PIL import Image, UnidentifiedImageError
-
-    xs, ys = [], []
-    for label, name in enumerate(classes):
-        files = sorted(p for p in (folder / name).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        for f in files:
-            try:
-                with Image.open(f) as img:
-                    img = img.convert("RGB")
-                    scale = size / min(img.size)
-                    w, h = max(size, round(img.width * scale)), max(size, round(img.height * scale))
-                    img = img.resize((w, h), Image.BILINEAR)
-                    left, top = (w - size) // 2, (h - size) // 2
-                    img = img.crop((left, top, left + size, top + size))
-                    arr = np.asarray(img, dtype=np.uint8)
-            except (UnidentifiedImageError, OSError) as e:
-                raise UserError(f"imagefolder: cannot read {f}: {e}") from None
-            xs.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
-            ys.append(label)
-    if not xs:
-        raise UserError(f"imagefolder: no images under {folder}")
-    return torch.stack(xs), torch.tensor(ys, dtype=torch.long)
+def _folder_mean_std(images: ImageFiles) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of the training split, estimated (reading every image would
+    cost a pass over the whole folder at every load) from a fixed sample: the first
+    MEAN_STD_SAMPLE of a permutation seeded with 0, in their evaluation view. Running sums, so
+    the sample is never held whole either."""
+    n = len(images.files["train"])
+    pick = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:MEAN_STD_SAMPLE]
+    total = torch.zeros(3, dtype=torch.float64)
+    squares = torch.zeros(3, dtype=torch.float64)
+    for i in sorted(pick.tolist()):
+        x = images.load("train", i).double().div_(255).flatten(1)
+        total += x.sum(1)
+        squares += x.square().sum(1)
+    count = len(pick) * images.size ** 2
+    mean = total / count
+    var = (squares - count * mean.square()) / max(count - 1, 1)
+    return mean.tolist(), var.clamp_min(0).sqrt().clamp_min(1e-3).tolist()
 
 
 def _synthetic(shape: tuple[int, int, int], num_classes: int, n_train: int = 256,
@@ -413,14 +467,100 @@ def _synthetic(shape: tuple[int, int, int], num_classes: int, n_train: int = 256
     return Dataset("synthetic", tx, ty, vx, vy, ex, ey, num_classes, [0.5] * c, [0.29] * c)
 
 
-def _crop_flip(x: Tensor, gen: torch.Generator) -> Tensor:
+def _crop_flip(x: Tensor, u: np.ndarray) -> Tensor:
+    """The CIFAR recipe: pad 4, a random crop back to the image size, a horizontal flip at
+    p = 0.5; three numbers of `u` (in [0, 1)) per image decide them."""
     n, _, h, w = x.shape
     padded = F.pad(x, (4, 4, 4, 4))
-    dy = torch.randint(0, 9, (n,), generator=gen)
-    dx = torch.randint(0, 9, (n,), generator=gen)
-    flip = torch.rand(n, generator=gen) < 0.5
+    dy, dx = (u[:, 0] * 9).astype(int), (u[:, 1] * 9).astype(int)
     out = torch.empty_like(x)
     for i in range(n):
         img = padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
-        out[i] = img.flip(-1) if flip[i] else img
+        out[i] = img.flip(-1) if u[i, 2] < 0.5 else img
     return out
+
+
+# --- reading through a DataLoader ---------------------------------------------------------
+
+# Outside the Dataset, dropped when it dies: a Dataset freed by the cycle collector (a traceback
+# holding it, say) would take its loaders along, and the collector closes their queues before
+# telling the workers to stop, so each worker waits out its 5 s poll before it exits.
+_LOADERS: dict[int, dict[tuple, DataLoader]] = {}
+
+
+def _per_rank(batch_size: int, world: int, shuffle: bool) -> int:
+    """Each rank's share of a global batch. Training needs it exact (the ranks' batches together
+    are the single-process batch); evaluation counts images whatever the batch, so rounds up."""
+    if batch_size < 1 or world < 1:
+        raise ValueError(f"batch size {batch_size} over {world} ranks")
+    if shuffle and batch_size % world:
+        raise UserError(f"batch size {batch_size} does not split evenly over {world} processes")
+    return -(-batch_size // world)
+
+
+class _BatchSampler(Sampler):
+    """One rank's batches of image indices, each paired with the epoch's seed: the reader
+    needs the seed for augmentation, and a worker process learns it only this way."""
+
+    def __init__(self, n: int, per_rank: int, shuffle: bool, rank: int, world: int) -> None:
+        # Shuffled: DistributedSampler (its epoch-0 order for seed s is randperm seeded with s,
+        # padded by repetition to a multiple of world). In order: no padding, so summing over
+        # ranks counts every image once.
+        self.order = (DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True,
+                                         drop_last=False) if shuffle else range(rank, n, world))
+        self.per_rank, self.seed = per_rank, 0
+
+    def __len__(self) -> int:
+        return -(-len(self.order) // self.per_rank)
+
+    def __iter__(self) -> Iterator[tuple[int, list[int]]]:
+        seed = self.seed
+        if isinstance(self.order, DistributedSampler):
+            self.order.seed = seed
+        order = list(self.order)
+        return ((seed, order[i:i + self.per_rank]) for i in range(0, len(order), self.per_rank))
+
+
+class _TensorBatches(torch.utils.data.Dataset):
+    """An in-memory split, indexed a batch at a time: `[(seed, indices)]` -> (x, y)."""
+
+    def __init__(self, x: Tensor, y: Tensor, augment: bool) -> None:
+        self.x, self.y, self.augment = x, y, augment
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, batch: tuple[int, list[int]]) -> tuple[Tensor, Tensor]:
+        seed, indices = batch
+        idx = torch.tensor(indices, dtype=torch.long)
+        x = self.x[idx]
+        if self.augment:
+            x = _crop_flip(x, uniforms(seed, indices, 3))
+        return x, self.y[idx]
+
+
+@dataclass
+class _Unreadable:
+    """What a reader returns for a batch with an unreadable file: a worker's exception reaches
+    the main process wrapped in a traceback, and the user is owed one line naming the file."""
+
+    message: str
+
+
+class _FileBatches(torch.utils.data.Dataset):
+    """A streamed split, decoded item by item: `[(seed, indices)]` -> (uint8 x, y)."""
+
+    def __init__(self, files: ImageFiles, split: str, y: Tensor, augment: bool) -> None:
+        self.files, self.split, self.y, self.augment = files, split, y, augment
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, batch: tuple[int, list[int]]) -> tuple[Tensor, Tensor] | _Unreadable:
+        seed, indices = batch
+        try:
+            x = torch.stack([self.files.load(self.split, i, seed if self.augment else None)
+                             for i in indices])
+        except UserError as e:
+            return _Unreadable(str(e))
+        return x, self.y[torch.tensor(indices, dtype=torch.long)]

@@ -114,11 +114,13 @@ def _image_folder(root, classes=("cat", "dog"), per_class=5):
 def test_image_folder_splits_per_class_and_resizes(tmp_path):
     d = load_dataset("imagefolder", str(_image_folder(tmp_path)), image_size=16)
     assert d.num_classes == 2 and d.extra["classes"] == ["cat", "dog"]
-    assert d.train_x.shape[1:] == (3, 16, 16)
+    assert d.input_shape == [1, 3, 16, 16]
     assert d.split_sizes() == {"train": 6, "val": 2, "test": 2}
     assert torch.bincount(d.test_y).tolist() == [1, 1]
+    x, y = next(d.batches("train", 6, augment=False))
+    assert x.shape == (6, 3, 16, 16)
     # class 1 images are brighter: the labels travel with their pixels
-    assert d.train_x[d.train_y == 1].float().mean() > d.train_x[d.train_y == 0].float().mean()
+    assert x[y == 1].mean() > x[y == 0].mean()
 
 
 def test_image_folder_with_train_and_val_subfolders(tmp_path):
@@ -135,11 +137,18 @@ def test_one_class_image_folder_is_refused(tmp_path):
         load_dataset("imagefolder", str(tmp_path))
 
 
-def test_unreadable_image_is_named(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_image_is_named(tmp_path, workers):
+    """Streamed, a damaged file is met on load (the mean/std sample) or when its batch is read,
+    in a worker process or not: either way one line naming it."""
     _image_folder(tmp_path)
     (tmp_path / "cat" / "broken.png").write_bytes(b"not an image")
-    with pytest.raises(UserError, match="broken.png"):
-        load_dataset("imagefolder", str(tmp_path))
+    with pytest.raises(UserError, match="broken.png") as e:
+        d = load_dataset("imagefolder", str(tmp_path)).on("cpu", workers=workers)
+        for split in ("train", "val", "test"):
+            for _ in d.batches(split, 4):
+                pass
+    assert "\n" not in str(e.value)
 
 
 def test_embedded_digits_are_sklearns_data_and_split(digits):

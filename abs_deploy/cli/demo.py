@@ -77,10 +77,10 @@ def demo(out, seed, skip_export):
         acc = exported.report.get("accuracy", {})
         if "ort" in acc:
             click.echo(f"{'ABS in ONNX Runtime':<26} {100 * acc['ort']:9.2f}%")
-    m, u = tuned["metrics"], uni["metrics"]
+    m, u, sizes = tuned["metrics"], uni["metrics"], data.split_sizes()
     click.echo(f"ABS vs target FP/{TARGET:.0f}: BOPs {100 * (m['bops'] / target - 1):+.1f}%;  "
                f"top-1 vs FP {100 * (m['top1'] - fp['metrics']['top1']):+.2f} points, "
                f"vs uniform 4/4 {100 * (m['top1'] - u['top1']):+.2f} points "
-               f"(test split, {len(data.test_y)} images; best epochs chosen on "
-               f"{len(data.val_y)} validation images)")
+               f"(test split, {sizes['test']} images; best epochs chosen on "
+               f"{sizes['val']} validation images)")
     click.echo(f"files in {out}/  ({time.perf_counter() - t0:.0f} s)")

@@ -372,7 +372,7 @@ def _with_normalisation(data: Dataset, spec: dict) -> Dataset:
     """The model expects the normalisation it was trained with, which the checkpoint (or the
     ONNX metadata) carries; a dataset given by name may compute its own."""
     mean, std = spec.get("mean"), spec.get("std")
-    channels = data.val_x.shape[1]
+    channels = data.input_shape[1]
     if isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) == channels:
         return dataclasses.replace(data, mean=list(mean), std=list(std))
     return data
@@ -384,8 +384,8 @@ def _dataset(ckpt: dict, name: str | None, data_dir: str | None, shape: list[int
     if not name:
         raise UserError("the checkpoint names no dataset; give --dataset (and --data-dir)")
     data = dataset_for({**spec, "shape": shape}, data_dir, name)
-    if list(data.val_x.shape[1:]) != shape[1:]:
-        raise UserError(f"dataset {name} has images of shape {list(data.test_x.shape[1:])}, "
+    if data.input_shape[1:] != shape[1:]:
+        raise UserError(f"dataset {name} has images of shape {data.input_shape[1:]}, "
                         f"the model takes {shape[1:]}")
     if data.num_classes > int(ckpt["num_classes"]):
         raise UserError(f"dataset {name} has {data.num_classes} classes, the model "
