@@ -54,21 +54,24 @@ def quantize_int(x: Tensor, s: Tensor, bits: int, signed: bool) -> Tensor:
     return torch.clamp(torch.round(x / s), lo, hi)
 
 
-def fake_quant(x: Tensor, clip: Tensor, bits: int, signed: bool) -> Tensor:
+def fake_quant(x: Tensor, clip: Tensor, bits: int, signed: bool, shards: int = 1) -> Tensor:
     """Quantize-dequantize with STE rounding; the clip gets LSQ's gradients through `s`,
     scaled down as LSQ scales them (1 / sqrt(elements per clip * top code)). Unscaled, the
     clip's gradient sums over every element it quantizes: on the BN-folded ResNet-20 it grew
-    large enough at lr 0.01 to wreck fine-tune (10-20% top-1; 99.44% with the scale)."""
+    large enough at lr 0.01 to wreck fine-tune (10-20% top-1; 99.44% with the scale).
+    `shards`: see `lsq_scaled_clip`."""
     lo, hi = int_range(bits, signed)
-    s = scale(lsq_scaled_clip(clip, x, hi), bits, signed)
+    s = scale(lsq_scaled_clip(clip, x, hi, shards), bits, signed)
     return torch.clamp(round_ste(x / s), lo, hi) * s
 
 
-def lsq_scaled_clip(clip: Tensor, x: Tensor, top_code: int) -> Tensor:
+def lsq_scaled_clip(clip: Tensor, x: Tensor, top_code: int, shards: int = 1) -> Tensor:
     """`clip` unchanged forward; its gradient times LSQ's 1 / sqrt(elements per clip * top
     code) backward. Every quantizer that trains a clip (fixed-bit and super-bit) goes through
-    this, so a clip learns at the same rate whichever path trains it."""
-    per_clip = max(x.numel() // max(clip.numel(), 1), 1)
+    this, so a clip learns at the same rate whichever path trains it. An activation `x` that is
+    one of `shards` equal shares of the batch (one per DDP process) counts the whole batch's
+    elements, so the clip's step does not depend on how many processes share the batch."""
+    per_clip = max(x.numel() * shards // max(clip.numel(), 1), 1)
     return _GradScale.apply(clip, 1.0 / math.sqrt(per_clip * max(top_code, 1)))
 
 

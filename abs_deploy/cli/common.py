@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Iterator
 import click
 from tqdm import tqdm
 
+from abs_deploy import distributed
+from abs_deploy.distributed import Dist
 from abs_deploy.errors import UserError
 from abs_deploy.export.errors import ExportFailed
 from abs_deploy.files import reason
@@ -203,8 +205,8 @@ def checkpoint_data_options(fn: Callable) -> Callable:
 
 def train_options(epochs: int | None = None, lr: float | None = None,
                   batch_size: int = 64) -> Callable:
-    """--epochs/--lr/--batch-size/--seed/--device; a None default means "the method's own
-    default"."""
+    """--epochs/--lr/--batch-size/--seed/--device/--workers/--sync-bn; a None default means
+    "the method's own default"."""
     def decorate(fn):
         for opt in reversed([
             click.option("--epochs", type=click.IntRange(1), default=epochs,
@@ -212,12 +214,37 @@ def train_options(epochs: int | None = None, lr: float | None = None,
             click.option("--lr", type=FiniteFloat(min=0, min_open=True), default=lr,
                          show_default=lr is not None),
             click.option("--batch-size", type=click.IntRange(1), default=batch_size,
-                         show_default=True),
+                         show_default=True,
+                         help="The global batch: under torchrun each process takes an equal "
+                              "share of it."),
             click.option("--seed", type=int, default=0, show_default=True),
             click.option("--device", default="auto", show_default=True,
-                         help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps. "
+                         help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps; "
+                              "under torchrun each process takes the GPU of its local rank. "
                               "Checkpoints are written with CPU tensors either way."),
+            click.option("--workers", type=click.IntRange(0), default=0, show_default=True,
+                         help="DataLoader worker processes per training process (image "
+                              "decoding and augmentation off the training loop)."),
+            click.option("--sync-bn", is_flag=True,
+                         help="Under torchrun: BatchNorm statistics over the batches of all "
+                              "processes, not each process's own share."),
         ]):
             fn = opt(fn)
         return fn
     return decorate
+
+
+@contextlib.contextmanager
+def training_processes(device: str) -> Iterator[tuple[Dist, str]]:
+    """This command's device, and its place among torchrun's processes (rank 0 of 1 when
+    started on its own): joined before any work, left however the command ends."""
+    dist, resolved = distributed.start(device)
+    try:
+        yield dist, resolved
+    finally:
+        distributed.stop()
+
+
+def echo_on(dist: Dist) -> Callable[..., None]:
+    """`click.echo` on rank 0, nothing on the others: one copy of every line."""
+    return click.echo if dist.is_main else (lambda *args, **kwargs: None)

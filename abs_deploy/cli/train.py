@@ -16,15 +16,18 @@ from abs_deploy.cli.common import (
     FiniteFloat,
     checkpoint_data_options,
     data_dir_option,
+    echo_on,
     epoch_printer,
     fmt_count,
     guarded,
     model_code_options,
     progress,
     train_options,
+    training_processes,
 )
 from abs_deploy.data import DATASETS, dataset_for, load_dataset
 from abs_deploy.device import resolve_device
+from abs_deploy.distributed import Dist
 from abs_deploy.errors import UserError
 from abs_deploy.files import check_output
 from abs_deploy.models.registry import build_model, create_model, data_kwargs, default_input_shape
@@ -43,22 +46,34 @@ BITS = click.IntRange(2, 8)
               help="Side of the square crop for --dataset imagefolder.")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
 @train_options(epochs=30, lr=0.1)
+@click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None,
+              help="Mixed-precision autocast for this full-precision stage (the quantizing "
+                   "stages always train in float32).")
 @guarded
 def pretrain(model_name, model_kwargs, dataset, data_dir, image_size, output, epochs, lr,
-             batch_size, seed, device):
+             batch_size, seed, device, workers, sync_bn, amp):
     """Train the full-precision starting point."""
     from abs_deploy.pretrain import pretrain as run
 
     check_output(output)
+    resolve_device(device)      # a device this machine lacks: one line, before any work
     kwargs = _json_kwargs(model_kwargs)
-    device = resolve_device(device)
-    data = load_dataset(dataset, data_dir, image_size=image_size).on(device)
-    cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
-    ckpt = run(model_name, data, cfg, kwargs, progress, epoch_printer("pretrain"))
-    save_checkpoint(ckpt, output)
+    with training_processes(device) as (dist, device):
+        data = load_dataset(dataset, data_dir, image_size=image_size).on(device, workers)
+        cfg = TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed,
+                          sync_bn=sync_bn, amp=amp)
+        ckpt = run(model_name, data, cfg, kwargs, progress, epoch_printer("pretrain"))
+        _write(ckpt, output, dist)
     m = ckpt["metrics"]
-    click.echo(f"FP {model_name} on {dataset}: test top-1 {100 * m['top1']:.2f}%  "
-               f"MACs {fmt_count(m['macs'])}  BOPs {fmt_count(m['bops'])}  -> {output}")
+    echo_on(dist)(f"FP {model_name} on {dataset}: test top-1 {100 * m['top1']:.2f}%  "
+                  f"MACs {fmt_count(m['macs'])}  BOPs {fmt_count(m['bops'])}  -> {output}")
+
+
+def _write(ckpt: dict, output: str, dist: Dist) -> None:
+    """Rank 0 writes the stage's one checkpoint; the others wait until it is on disk."""
+    if dist.is_main:
+        save_checkpoint(ckpt, output)
+    dist.barrier()
 
 
 # Per-method training defaults: QAT and fine-tune start from trained weights (small lr); the
@@ -100,10 +115,10 @@ _DEFAULTS = {"uniform": (10, 0.01), "abs": (15, 0.01), "bsq": (15, 0.01), "finet
 @guarded
 def search(checkpoint, method, target_bops, lam, candidates, max_prune, resume, alpha, act_bits,
            w_bits, a_bits, edge_bits, dataset, data_dir, output, epochs, lr, batch_size, seed,
-           device):
+           device, workers, sync_bn):
     """Search per-layer bits (and, for abs, pruned filters) from a trained FP checkpoint."""
     check_output(output, [checkpoint])
-    device = resolve_device(device)
+    resolve_device(device)
     state = Path(f"{output}.partial")
     if method == "abs":
         check_output(state, [checkpoint])
@@ -117,27 +132,34 @@ def search(checkpoint, method, target_bops, lam, candidates, max_prune, resume, 
         load_checkpoint(state, stages=("searched",))  # an input too: refused before any work
     target = _target(target_bops, fp) if target_bops else None
     cands = _bits_list(candidates)
-    data = dataset_for(fp["input"], data_dir, dataset).on(device)
-    cfg = _config("uniform" if method == "uniform" else method, epochs, lr, batch_size, seed)
+    with training_processes(device) as (dist, device):
+        data = dataset_for(fp["input"], data_dir, dataset).on(device, workers)
+        cfg = _config("uniform" if method == "uniform" else method, epochs, lr, batch_size,
+                      seed, sync_bn)
+        ckpt = _run_search(method, fp, data, cfg, target, lam, cands, max_prune, alpha,
+                           act_bits, w_bits, a_bits, edge_bits, str(state))
+        _write(ckpt, output, dist)
+    if method == "abs" and dist.is_main:
+        state.unlink(missing_ok=True)
+    if dist.is_main:
+        print_decision(ckpt, target)
+        click.echo(f"-> {output}")
+
+
+def _run_search(method, fp, data, cfg, target, lam, cands, max_prune, alpha, act_bits, w_bits,
+                a_bits, edge_bits, state) -> dict:
     if method == "uniform":
         from abs_deploy.search.uniform import uniform_qat
-        ckpt = uniform_qat(fp, data, w_bits, a_bits, cfg, edge_bits, progress,
+        return uniform_qat(fp, data, w_bits, a_bits, cfg, edge_bits, progress,
                            epoch_printer(f"qat w{w_bits}a{a_bits}"))
-    elif method == "abs":
-        from abs_deploy.search.abs_search import abs_search
-        ckpt = abs_search(fp, data, target, cfg, lam=lam, candidates=cands,
-                          max_prune=max_prune, edge_bits=edge_bits, progress=progress,
-                          on_epoch_end=epoch_printer("abs"), resume_path=str(state))
-    else:
-        from abs_deploy.search.bsq import bsq_search
-        ckpt = bsq_search(fp, data, alpha, act_bits, cfg, target_bops=target,
-                          edge_bits=edge_bits, progress=progress,
-                          on_epoch_end=epoch_printer("bsq"))
-    save_checkpoint(ckpt, output)
     if method == "abs":
-        state.unlink(missing_ok=True)
-    print_decision(ckpt, target)
-    click.echo(f"-> {output}")
+        from abs_deploy.search.abs_search import abs_search
+        return abs_search(fp, data, target, cfg, lam=lam, candidates=cands,
+                          max_prune=max_prune, edge_bits=edge_bits, progress=progress,
+                          on_epoch_end=epoch_printer("abs"), resume_path=state)
+    from abs_deploy.search.bsq import bsq_search
+    return bsq_search(fp, data, alpha, act_bits, cfg, target_bops=target, edge_bits=edge_bits,
+                      progress=progress, on_epoch_end=epoch_printer("bsq"))
 
 
 @click.command(cls=Command)
@@ -147,25 +169,28 @@ def search(checkpoint, method, target_bops, lam, candidates, max_prune, resume, 
 @train_options()
 @model_code_options
 @guarded
-def finetune(checkpoint, dataset, data_dir, output, epochs, lr, batch_size, seed, device):
+def finetune(checkpoint, dataset, data_dir, output, epochs, lr, batch_size, seed, device, workers,
+             sync_bn):
     """Train a searched configuration in its deployable form (BN folded, bits fixed)."""
     from abs_deploy.search.finetune import finetune as run
 
     check_output(output, [checkpoint])
-    device = resolve_device(device)
+    resolve_device(device)
     searched = load_checkpoint(checkpoint, stages=("searched",))
-    data = dataset_for(searched["input"], data_dir, dataset).on(device)
-    ckpt = run(searched, data, _config("finetune", epochs, lr, batch_size, seed), progress,
-               epoch_printer("finetune"))
-    save_checkpoint(ckpt, output)
-    print_decision(ckpt)
-    click.echo(f"-> {output}")
+    with training_processes(device) as (dist, device):
+        data = dataset_for(searched["input"], data_dir, dataset).on(device, workers)
+        ckpt = run(searched, data, _config("finetune", epochs, lr, batch_size, seed, sync_bn),
+                   progress, epoch_printer("finetune"))
+        _write(ckpt, output, dist)
+    if dist.is_main:
+        print_decision(ckpt)
+        click.echo(f"-> {output}")
 
 
-def _config(method: str, epochs, lr, batch_size, seed) -> TrainConfig:
+def _config(method: str, epochs, lr, batch_size, seed, sync_bn: bool = False) -> TrainConfig:
     default_epochs, default_lr = _DEFAULTS[method]
     return TrainConfig(epochs=epochs or default_epochs, lr=lr or default_lr,
-                       batch_size=batch_size, seed=seed)
+                       batch_size=batch_size, seed=seed, sync_bn=sync_bn)
 
 
 def _target(text: str, fp: dict) -> float:

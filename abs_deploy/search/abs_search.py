@@ -24,8 +24,8 @@ The steps, top-down:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
@@ -39,6 +39,7 @@ from abs_deploy import bops, graph
 from abs_deploy.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from abs_deploy.data import Dataset
 from abs_deploy.device import device_of
+from abs_deploy.distributed import current
 from abs_deploy.errors import UserError
 from abs_deploy.search.controller import RELAY, ControllerGains, LambdaController
 from abs_deploy.search.qmodel import calibrate, get_module, model_from_checkpoint, set_module
@@ -50,7 +51,17 @@ from abs_deploy.search.superbit import (
     superbit_from_float,
 )
 from abs_deploy.search.uniform import searched_checkpoint
-from abs_deploy.train import EpochLog, Progress, TrainConfig, evaluate, no_progress, set_seed, train
+from abs_deploy.train import (
+    EpochLog,
+    Method,
+    Progress,
+    ResumeFile,
+    TrainConfig,
+    evaluate,
+    fit,
+    no_progress,
+    param_groups,
+)
 
 REACH = 2 * TAU        # how far past its largest residual a threshold may go (see clamp)
 GATE_LR = 0.1          # plain SGD on thresholds: a gate moves in proportion to its layer's
@@ -294,6 +305,7 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
     for layer in net.layers.values():
         layer.lsq_scale = lsq_scale
     _check_target(net, target_bops)
+    # Every rank reads the same unsharded batches here, so all start from the same clips.
     calibrate(model, (x for x, _ in islice(data.batches("train", 128, shuffle=True), 4)))
     if gate_margin is not None:
         start_thresholds(net, (x for x, _ in islice(data.batches("train", 128, shuffle=True),
@@ -301,100 +313,134 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
     if pin_bits is not None:
         net.pin(pin_bits)
 
-    adapt = target_bops is not None
-    state = _State(lam=0.0 if lam is None else float(lam))
-    ctl = LambdaController(target_bops, tolerance, gains, state.lam) if adapt else None
-    opt_w = torch.optim.SGD([{"params": [p for p in net.weight_params() if p.dim() >= 2],
-                              "weight_decay": cfg.weight_decay},
-                             {"params": [p for p in net.weight_params() if p.dim() < 2],
-                              "weight_decay": 0.0}],
-                            lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
-    opt_g = torch.optim.SGD(net.thresholds("w") + net.thresholds("a"), lr=gate_lr)
-    fingerprint = {"arch": fp_ckpt["arch"], "target_bops": target_bops, "candidates": list(cands),
-                   "max_prune": max_prune, "edge_bits": edge_bits, "epochs": cfg.epochs,
-                   "seed": cfg.seed}
-    if resume_path and Path(resume_path).is_file():
-        _load_state(resume_path, net, opt_w, opt_g, state, fingerprint, ctl)
-
-    set_seed(cfg.seed)
-    steps_per_epoch = data.num_batches("train", cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    for epoch in range(state.epoch, cfg.epochs):
-        t0, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
-        model.train()
-        batches = data.batches("train", cfg.batch_size, shuffle=True, seed=cfg.seed + epoch)
-        bar = progress(batches, steps_per_epoch, f"abs search {epoch + 1}/{cfg.epochs}")
-        for i, (x, y) in enumerate(bar):
-            step = epoch * steps_per_epoch + i
-            w_phase = step % 2 == 0      # weight (and filter) gates and activation gates alternate
-            for p in net.thresholds("w"):
-                p.requires_grad_(w_phase)
-            for p in net.thresholds("a"):
-                p.requires_grad_(not w_phase)
-            decay = 0.5 * (1 + math.cos(math.pi * step / total_steps))
-            for group in opt_w.param_groups:
-                group["lr"] = cfg.lr * decay
-            for group in opt_g.param_groups:
-                group["lr"] = gate_lr * decay
-            logits = model(x)
-            ce = F.cross_entropy(logits, y)
-            b = net.bops()
-            loss = ce + state.lam * torch.log(b / fp_bops)
-            opt_w.zero_grad(set_to_none=True)
-            opt_g.zero_grad(set_to_none=True)
-            loss.backward()
-            opt_w.step()
-            opt_g.step()
-            net.clamp_thresholds()
-            if ctl is not None:
-                state.lam = ctl.update(b.item())
-            if on_step is not None:
-                on_step(b.item(), state.lam)
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-            if hasattr(bar, "set_postfix_str") and i % 5 == 0:
-                tgt = f"/{target_bops / 1e6:.2f}M" if adapt else ""
-                bar.set_postfix_str(f"loss {loss.item():.3f} acc {correct / seen:.1%} "
-                                    f"BOPs {b.item() / 1e6:.2f}M{tgt} lam {state.lam:.3g} "
-                                    f"{net.histogram()}", refresh=False)
-        for p in net.thresholds("w") + net.thresholds("a"):
-            p.requires_grad_(True)
-        with torch.no_grad():
-            cur = net.bops().item()
-        extra = {"bops": cur, "fp_ratio": fp_bops / cur, "lam": state.lam,
-                 "bits": net.histogram()}
-        if adapt:
-            extra["target_ratio"] = cur / target_bops
-        log = EpochLog(epoch + 1, loss_sum / seen, correct / seen, evaluate(model, data),
-                       time.perf_counter() - t0, extra)
-        state.logs.append(log.as_dict())
-        state.epoch = epoch + 1
-        if resume_path:
-            _save_state(resume_path, fp_ckpt, net, opt_w, opt_g, state, fingerprint, ctl)
-        if on_epoch_end is not None:
-            on_epoch_end(log)
+    ctl = (LambdaController(target_bops, tolerance, gains, 0.0 if lam is None else float(lam))
+           if target_bops is not None else None)
+    method = AbsMethod(net, fp_bops, 0.0 if lam is None else float(lam), ctl, gate_lr,
+                       target_bops, on_step)
+    method.find_unused_parameters = pin_bits is not None   # pinned gates leave thresholds idle
+    resume = None
+    if resume_path:
+        resume = _SearchState(resume_path, fp_ckpt, net, {
+            "arch": fp_ckpt["arch"], "target_bops": target_bops, "candidates": list(cands),
+            "max_prune": max_prune, "edge_bits": edge_bits, "epochs": cfg.epochs,
+            "seed": cfg.seed})
+    logs = fit(model, data, cfg, method, progress, on_epoch_end, resume)
 
     searched_bops = net.bops().item()
-    moves = project(net, data, target_bops, tolerance) if adapt else 0
+    moves = project(net, data, target_bops, tolerance) if ctl is not None else 0
     swapped = (swap(net, data, target_bops, tolerance, swap_samples)
-               if adapt and swap_samples else None)
+               if ctl is not None and swap_samples else None)
     net.freeze()
-    logs = [_log_from_dict(d) for d in state.logs]
+    _agree(net)
     if refine_epochs > 0:
-        refine_cfg = TrainConfig(epochs=refine_epochs, lr=cfg.lr * 0.1,
-                                 batch_size=cfg.batch_size, weight_decay=cfg.weight_decay,
-                                 momentum=cfg.momentum, seed=cfg.seed)
-        for log in train(model, data, refine_cfg, progress, params=net.weight_params(),
-                         keep_best=False):
-            log.extra["phase"] = "refine"
-            logs.append(log)
+        logs += _refine(net, data, cfg, refine_epochs, progress)
     decision = net.decision()
     return searched_checkpoint(fp_ckpt, model, decision, data, list(costs), fp_top1, logs,
-                               method="abs", target_bops=target_bops, lam=state.lam,
+                               method="abs", target_bops=target_bops, lam=method.lam,
                                candidates=list(cands), max_prune=max_prune,
                                search_bops=searched_bops, projection_moves=moves,
                                swap=swapped)
+
+
+class AbsMethod(Method):
+    """What the ABS search adds to the shared loop: the BOP term `lam * log(BOPs / fp_bops)`,
+    the gates' own plain-SGD optimizer, weight (and filter) gates and activation gates trained
+    on alternate steps, thresholds clamped after each step, and `lam` from the controller."""
+
+    name = "abs search"
+    keep_best = False             # the search's last state is its result, not its best epoch
+    amp_safe = False
+
+    def __init__(self, net: SuperBitNet, fp_bops: float, lam: float,
+                 ctl: LambdaController | None, gate_lr: float, target: float | None,
+                 on_step: Callable[[float, float], None] | None) -> None:
+        super().__init__()
+        self.net, self.fp_bops, self.lam, self.ctl = net, fp_bops, lam, ctl
+        self.gate_lr, self.target, self.on_step = gate_lr, target, on_step
+        self.bops: Tensor | None = None
+
+    def optimizers(self, model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+        net = self.net
+        weights = torch.optim.SGD(param_groups(net.weight_params(), cfg.weight_decay),
+                                  lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+        gates = torch.optim.SGD(net.thresholds("w") + net.thresholds("a"), lr=self.gate_lr)
+        return [weights, gates]
+
+    def loss(self, ce: Tensor, step: int) -> Tensor:
+        self.bops = self.net.bops()
+        return ce + self.lam * torch.log(self.bops / self.fp_bops)
+
+    def before_update(self, step: int) -> None:
+        # Weight (and filter) gates move on even steps, activation gates on odd ones. Their
+        # gradients are computed on every step (DDP needs every step's backward to be the
+        # same) and the resting kind's are dropped here.
+        for p in self.net.thresholds("a" if step % 2 == 0 else "w"):
+            p.grad = None
+
+    def end_step(self, step: int) -> None:
+        self.net.clamp_thresholds()
+        b = self.bops.item()
+        if self.ctl is not None:
+            self.lam = self.ctl.update(b)
+        if self.on_step is not None:
+            self.on_step(b, self.lam)
+
+    def postfix(self) -> str:
+        b = self.bops.item() if self.bops is not None else float("nan")
+        tgt = f"/{self.target / 1e6:.2f}M" if self.target is not None else ""
+        return f"BOPs {b / 1e6:.2f}M{tgt} lam {self.lam:.3g} {self.net.histogram()}"
+
+    def end_epoch(self, epoch: int) -> dict:
+        with torch.no_grad():
+            cur = self.net.bops().item()
+        current().same_on_all_ranks({"decision": self.net.decision(), "lam": self.lam},
+                                    "the search's gates and lam")
+        extra = {"bops": cur, "fp_ratio": self.fp_bops / cur, "lam": self.lam,
+                 "bits": self.net.histogram()}
+        if self.target is not None:
+            extra["target_ratio"] = cur / self.target
+        return extra
+
+    def state_dict(self) -> dict:
+        return {"lam": self.lam, "controller": self.ctl.state_dict() if self.ctl else None,
+                "a_signed": {n: bool(m.a_signed) for n, m in self.net.layers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lam = state["lam"]
+        if self.ctl is not None and isinstance(state.get("controller"), dict):
+            self.ctl.load_state_dict(state["controller"])
+        for n, signed in state["a_signed"].items():
+            self.net.layers[n].a_signed = signed
+
+
+def _agree(net: SuperBitNet) -> None:
+    """Rank 0's frozen decision on every rank, then checked: the projection measures losses,
+    and on a GPU two ranks' sums may round differently and pick different moves."""
+    dist = current()
+    forced = dist.broadcast({"layers": {n: list(m.forced) for n, m in net.layers.items()},
+                             "groups": {g.id: g.forced for g in net.groups}})
+    for n, m in net.layers.items():
+        m.forced = tuple(forced["layers"][n])
+    for g in net.groups:
+        g.forced = forced["groups"][g.id]
+    dist.same_on_all_ranks(net.decision(), "the searched decision")
+
+
+def _refine(net: SuperBitNet, data: Dataset, cfg: TrainConfig, epochs: int,
+            progress: Progress) -> list[EpochLog]:
+    """A short re-train of the weights at the frozen decision. The thresholds no longer act
+    (every gate is pinned), so they leave the trained set; and a pinned level leaves some
+    clips idle too, which DDP must be told to expect."""
+    for p in net.thresholds("w") + net.thresholds("a"):
+        p.requires_grad_(False)
+    method = Method(net.weight_params())
+    method.name, method.keep_best, method.amp_safe = "refine", False, False
+    method.find_unused_parameters = True
+    logs = fit(net.model, data, dataclasses.replace(cfg, epochs=epochs, lr=cfg.lr * 0.1),
+               method, progress)
+    for log in logs:
+        log.extra["phase"] = "refine"
+    return logs
 
 
 @torch.no_grad()
@@ -620,52 +666,38 @@ def _loss_fn(model: nn.Module, batches: list) -> Callable[[], float]:
 # --- resume ---------------------------------------------------------------------------------
 
 
-@dataclass
-class _State:
-    lam: float
-    epoch: int = 0
-    logs: list[dict] = field(default_factory=list)
+class _SearchState(ResumeFile):
+    """The search after an epoch as a `searched` checkpoint (so `abs bops` and export can read
+    it) whose `resume` record holds the loop's state; written atomically, so a kill mid-write
+    keeps the last one, and read with the same reader as every checkpoint (no pickled objects,
+    no code the file names)."""
 
+    def __init__(self, path: str, fp_ckpt: dict, net: SuperBitNet, fingerprint: dict) -> None:
+        super().__init__(path, fingerprint)
+        self.fp_ckpt, self.net = fp_ckpt, net
 
-def _save_state(path: str, fp_ckpt: dict, net: SuperBitNet, opt_w, opt_g, state: _State,
-                fingerprint: dict, ctl: LambdaController | None) -> None:
-    """The search after an epoch, as a `searched` checkpoint (so `abs bops` and export can read
-    it) plus a `resume` record; written atomically, so a kill mid-write keeps the last one."""
-    resume = {"epoch": state.epoch, "lam": state.lam, "logs": state.logs,
-              "controller": ctl.state_dict() if ctl is not None else None,
-              "opt_w": opt_w.state_dict(), "opt_g": opt_g.state_dict(),
-              "a_signed": {n: bool(m.a_signed) for n, m in net.layers.items()},
-              "fingerprint": fingerprint}
-    ckpt = make_checkpoint("searched", fp_ckpt["arch"], fp_ckpt["input"], fp_ckpt["num_classes"],
-                           net.model.state_dict(), net.decision(), {}, [], method="abs",
-                           bn_folded=False, resume=resume)
-    save_checkpoint(ckpt, path)
+    def save(self, model: nn.Module, loop_state: dict) -> None:
+        fp = self.fp_ckpt
+        resume = {"epoch": loop_state["epoch"], "fingerprint": self.fingerprint,
+                  "loop": loop_state}
+        ckpt = make_checkpoint("searched", fp["arch"], fp["input"], fp["num_classes"],
+                               model.state_dict(), self.net.decision(), {}, [], method="abs",
+                               bn_folded=False, resume=resume)
+        save_checkpoint(ckpt, self.path)
 
-
-def _load_state(path: str, net: SuperBitNet, opt_w, opt_g, state: _State,
-                fingerprint: dict, ctl: LambdaController | None) -> None:
-    # The same reader as every checkpoint: no pickled objects, no code the file names.
-    ckpt = load_checkpoint(path, stages=("searched",))
-    resume = ckpt.get("resume")
-    if not isinstance(resume, dict):
-        raise UserError(f"cannot resume from {path}: it holds no search state")
-    if resume.get("fingerprint") != fingerprint:
-        raise UserError(f"{path} is the state of a different search (model, target or "
-                        "settings differ); delete it or change the output name")
-    net.model.load_state_dict(ckpt["state_dict"])
-    opt_w.load_state_dict(resume["opt_w"])
-    opt_g.load_state_dict(resume["opt_g"])
-    for n, signed in resume["a_signed"].items():
-        net.layers[n].a_signed = signed
-    state.lam = resume["lam"]
-    if ctl is not None and isinstance(resume.get("controller"), dict):
-        ctl.load_state_dict(resume["controller"])
-    state.epoch, state.logs = resume["epoch"], list(resume["logs"])
-
-
-def _log_from_dict(d: dict) -> EpochLog:
-    base = ("epoch", "loss", "train_acc", "val_acc", "seconds")
-    return EpochLog(*(d[k] for k in base), {k: v for k, v in d.items() if k not in base})
+    def load(self, model: nn.Module) -> dict | None:
+        if not Path(self.path).is_file():
+            return None
+        ckpt = load_checkpoint(self.path, stages=("searched",))
+        resume = ckpt.get("resume")
+        if not isinstance(resume, dict) or not isinstance(resume.get("loop"), dict):
+            raise UserError(f"cannot resume from {self.path}: it holds no search state (or one "
+                            "written by an older version); delete it to start over")
+        if resume.get("fingerprint") != self.fingerprint:
+            raise UserError(f"{self.path} is the state of a different search (model, target or "
+                            "settings differ); delete it or change the output name")
+        model.load_state_dict(ckpt["state_dict"])
+        return dict(resume["loop"])
 
 
 def superbit_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -13,15 +13,14 @@ fine-tune and export read it unchanged (the planes ride along under each layer's
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from abs_deploy import bops, graph
 from abs_deploy.data import Dataset
+from abs_deploy.distributed import current
 from abs_deploy.errors import UserError
 from abs_deploy.search.bitplanes import MAX_MAG_BITS, MIN_MAG_BITS, to_bitplane
 from abs_deploy.search.qmodel import (
@@ -32,7 +31,16 @@ from abs_deploy.search.qmodel import (
     set_module,
 )
 from abs_deploy.search.uniform import prepare_quantizers, searched_checkpoint
-from abs_deploy.train import EpochLog, Progress, TrainConfig, evaluate, no_progress, set_seed
+from abs_deploy.train import (
+    EpochLog,
+    Method,
+    Progress,
+    TrainConfig,
+    evaluate,
+    fit,
+    no_progress,
+    param_groups,
+)
 
 TARGET_TOLERANCE = 0.10     # the issue's acceptance: land within 10% of --target-bops
 ARRIVE_AT = 0.6             # fraction of the epochs by which the target should be reached
@@ -82,8 +90,9 @@ def bsq_search(fp_ckpt: dict, data: Dataset, alpha: float, act_bits: int, cfg: T
     for layer in layers.values():
         layer.sync()    # prepare_quantizers set an MSE clip; a bit-plane layer's clip is s * 2^n
 
-    state = _Search(model, layers, costs, data, cfg, alpha, act_bits, edge_bits, target_bops)
-    logs = state.run(requant_every, progress, on_epoch_end)
+    state = BsqMethod(model, layers, costs, data, cfg, alpha, act_bits, edge_bits, target_bops,
+                      requant_every)
+    logs = fit(model, data, cfg, state, progress, on_epoch_end)
     if target_bops is not None:
         final = state.land(target_bops)
         if final:
@@ -156,78 +165,82 @@ def recalibrate_bn(model: nn.Module, data: Dataset, batch_size: int) -> None:
         model.train(was_training)
 
 
-class _Search:
-    """The search loop's state: the model, its bit layers, the optimizer and alpha. The
-    optimizer is rebuilt after every re-quantization because the plane tensors are replaced
+class BsqMethod(Method):
+    """What BSQ adds to the shared loop: the bit-level group Lasso on the loss, planes clamped
+    after each step, and at an epoch's end re-quantization, the landing on the target, BN
+    re-calibration and the alpha controller. Its state: the model, its bit layers and alpha.
+    The optimizer is rebuilt after every re-quantization because the plane tensors are replaced
     (and change shape when precision changes)."""
+
+    name = "bsq"
+    keep_best = False
+    amp_safe = False
 
     def __init__(self, model: nn.Module, layers: dict[str, BitLayer],
                  costs: list[bops.LayerCost], data: Dataset, cfg: TrainConfig, alpha: float,
-                 act_bits: int, edge_bits: int, target: float | None) -> None:
+                 act_bits: int, edge_bits: int, target: float | None,
+                 requant_every: int) -> None:
+        super().__init__()
         self.model, self.layers, self.costs, self.data, self.cfg = model, layers, costs, data, cfg
         self.alpha, self.act_bits, self.edge_bits, self.target = alpha, act_bits, edge_bits, target
+        self.requant_every = requant_every
         self.total_weights = sum(m.weight.numel() for m in layers.values())
         self.zeroed: set[str] = set()
         self.saturated = 0
         self.landing: list[dict] = []
-
-    def run(self, requant_every: int, progress: Progress,
-            on_epoch_end: Callable[[EpochLog], None] | None) -> list[EpochLog]:
-        cfg, data = self.cfg, self.data
-        set_seed(cfg.seed)
-        steps_per_epoch = data.num_batches("train", cfg.batch_size)
         # Aim to reach the target band this far in, leaving the rest of the epochs to recover
         # accuracy at a small alpha.
-        arrive_epoch = max(1, round(ARRIVE_AT * cfg.epochs))
-        opt, logs, seen_bops = self._optimizer(), [], [self.bops()]
-        for epoch in range(cfg.epochs):
-            t0, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
-            self.model.train()
-            batches = data.batches("train", cfg.batch_size, shuffle=True, seed=cfg.seed + epoch)
-            for x, y in progress(batches, steps_per_epoch, f"bsq {epoch + 1}/{cfg.epochs}"):
-                logits = self.model(x)
-                loss = F.cross_entropy(logits, y)
-                if self.alpha > 0:
-                    loss = loss + self.alpha * bit_group_lasso(self.layers, self.total_weights)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                for m in self.layers.values():
-                    m.clamp_planes()
-                total_loss += loss.item() * len(y)
-                correct += (logits.argmax(1) == y).sum().item()
-                seen += len(y)
-            extra = {"alpha": self.alpha}
-            last = epoch + 1 == cfg.epochs
-            if (epoch + 1) % requant_every == 0 or last:
-                self.requantize()
-                opt = self._optimizer()
-                extra["requant"] = 1
-            if self.target is not None and epoch + 1 == arrive_epoch and not last:
-                # Planes die in bursts, so alpha alone reaches the band late or overshoots it.
-                # Landing here leaves the remaining epochs to recover from the cut.
-                # To the target itself, not the band's top: overflow can still add bits.
-                landed = self.land(self.target, ceiling=self.target)
-                if landed:
-                    self.landing.append({"epoch": epoch + 1, **landed})
-                    opt = self._optimizer()
-                    extra["planes_landed"] = sum(abs(v) for v in landed.values())
-            if "requant" in extra or "planes_landed" in extra:
-                recalibrate_bn(self.model, data, cfg.batch_size)
-            current = self.bops()
-            extra.update({"bops": current, "mean_w_bits": self.mean_w_bits()})
-            if self.target is not None and "requant" in extra and not last:
-                periods_left = (arrive_epoch - epoch - 1) // requant_every
-                seen_bops.append(current)
-                window = seen_bops[-RATE_WINDOW - 1:]
-                rate = math.log(window[0] / window[-1]) / max(len(window) - 1, 1)
-                self.alpha = adapt_alpha(self.alpha, current / self.target, rate, periods_left)
-            log = EpochLog(epoch + 1, total_loss / seen, correct / seen,
-                           evaluate(self.model, data), time.perf_counter() - t0, extra)
-            logs.append(log)
-            if on_epoch_end is not None:
-                on_epoch_end(log)
-        return logs
+        self.arrive_epoch = max(1, round(ARRIVE_AT * cfg.epochs))
+        self.seen_bops = [self.bops()]
+        self.replaced = False
+
+    def lr_factor(self, step: int, total: int) -> float:
+        # A constant rate: the regulariser's pull per epoch is then alpha alone, which is what
+        # alpha adaptation steers (a decaying rate would weaken a fixed alpha over time).
+        return 1.0
+
+    def loss(self, ce: Tensor, step: int) -> Tensor:
+        if self.alpha > 0:
+            return ce + self.alpha * bit_group_lasso(self.layers, self.total_weights)
+        return ce
+
+    def end_step(self, step: int) -> None:
+        for m in self.layers.values():
+            m.clamp_planes()
+
+    def end_epoch(self, epoch: int) -> dict:
+        cfg = self.cfg
+        extra = {"alpha": self.alpha}
+        last = epoch + 1 == cfg.epochs
+        if (epoch + 1) % self.requant_every == 0 or last:
+            self.requantize()
+            self.replaced = True
+            extra["requant"] = 1
+        if self.target is not None and epoch + 1 == self.arrive_epoch and not last:
+            # Planes die in bursts, so alpha alone reaches the band late or overshoots it.
+            # Landing here leaves the remaining epochs to recover from the cut.
+            # To the target itself, not the band's top: overflow can still add bits.
+            landed = self.land(self.target, ceiling=self.target)
+            if landed:
+                self.landing.append({"epoch": epoch + 1, **landed})
+                self.replaced = True
+                extra["planes_landed"] = sum(abs(v) for v in landed.values())
+        if "requant" in extra or "planes_landed" in extra:
+            recalibrate_bn(self.model, self.data, cfg.batch_size)
+        now = self.bops()
+        current().same_on_all_ranks({"bits": self.bits(), "alpha": self.alpha}, "BSQ's bits")
+        extra.update({"bops": now, "mean_w_bits": self.mean_w_bits()})
+        if self.target is not None and "requant" in extra and not last:
+            periods_left = (self.arrive_epoch - epoch - 1) // self.requant_every
+            self.seen_bops.append(now)
+            window = self.seen_bops[-RATE_WINDOW - 1:]
+            rate = math.log(window[0] / window[-1]) / max(len(window) - 1, 1)
+            self.alpha = adapt_alpha(self.alpha, now / self.target, rate, periods_left)
+        return extra
+
+    def rebuild(self) -> bool:
+        replaced, self.replaced = self.replaced, False
+        return replaced
 
     def requantize(self) -> None:
         for name, m in self.layers.items():
@@ -281,19 +294,15 @@ class _Search:
             changes[name] = changes.get(name, 0) + 1
         return changes
 
-    def _optimizer(self) -> torch.optim.Optimizer:
-        """SGD as in `train.py` but at a constant learning rate: the regulariser's pull per
-        epoch is then alpha alone, which is what alpha adaptation steers (a decaying rate would
-        weaken a fixed alpha over time). Bit planes get no weight decay (the group Lasso is
-        their only pull toward zero) and a larger learning rate, since a plane's gradient is
-        the weight's scaled by `s * 2^i`, small against the unit distance between bit levels."""
+    def optimizers(self, model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
+        """SGD as in `train.py` (at the constant rate of `lr_factor`). Bit planes get no weight
+        decay (the group Lasso is their only pull toward zero) and a larger learning rate, since
+        a plane's gradient is the weight's scaled by `s * 2^i`, small against the unit distance
+        between bit levels."""
         planes = [p for m in self.layers.values() for p in (m.pos, m.neg)]
         plane_ids = {id(p) for p in planes}
         rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in plane_ids]
-        lr = self.cfg.lr
-        groups = [{"params": planes, "weight_decay": 0.0, "lr": lr * BIT_LR_SCALE},
-                  {"params": [p for p in rest if p.dim() >= 2],
-                   "weight_decay": self.cfg.weight_decay},
-                  {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
-        return torch.optim.SGD([g for g in groups if g["params"]], lr=self.cfg.lr,
-                               momentum=self.cfg.momentum, nesterov=True)
+        groups = [{"params": planes, "weight_decay": 0.0, "lr": cfg.lr * BIT_LR_SCALE},
+                  *param_groups(rest, cfg.weight_decay)]
+        return [torch.optim.SGD([g for g in groups if g["params"]], lr=cfg.lr,
+                                momentum=cfg.momentum, nesterov=True)]

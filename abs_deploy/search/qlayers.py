@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from abs_deploy.distributed import current
 from abs_deploy.quant import (
     fake_quant,
     init_weight_clip,
@@ -37,7 +38,8 @@ class _QuantMixin:
     def quant_input(self, x: Tensor) -> Tensor:
         if self.a_bits >= FLOAT_BITS:
             return x
-        return fake_quant(x, self.a_clip.abs() + 1e-8, self.a_bits, self.a_signed)
+        return fake_quant(x, self.a_clip.abs() + 1e-8, self.a_bits, self.a_signed,
+                          current().world)
 
     def quant_weight(self) -> Tensor:
         if self.w_bits >= FLOAT_BITS:

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from abs_deploy.distributed import current, mean_over_ranks
 from abs_deploy.quant import (
     init_weight_clip,
     int_range,
@@ -62,14 +63,14 @@ def open_levels(gates: Tensor) -> int:
 
 
 def super_quant(x: Tensor, clip: Tensor, gates: Tensor, bits: Sequence[int],
-                signed: bool, lsq_scale: bool = True) -> Tensor:
+                signed: bool, lsq_scale: bool = True, shards: int = 1) -> Tensor:
     """`x_hat` of the nested decomposition at hard `gates` (one entry per level above the
     first), with straight-through gradients to `x`, `clip` (as `fake_quant`, LSQ's gradient
     scale of the level the gates select included) and the gates. `lsq_scale=False` leaves the
     clip's gradient unscaled, as the search had it before (kept for the ablation that measured
-    what the scale is worth)."""
+    what the scale is worth). `shards`: see `quant.lsq_scaled_clip`."""
     if lsq_scale:
-        clip = lsq_scaled_clip(clip, x, int_range(bits[open_levels(gates)], signed)[1])
+        clip = lsq_scaled_clip(clip, x, int_range(bits[open_levels(gates)], signed)[1], shards)
     return _SuperQuant.apply(x, clip, gates, tuple(bits), signed)
 
 
@@ -318,13 +319,16 @@ class _SuperBitMixin:
         if self.training and self.searchable and self.forced is None:
             self._track_residuals(x, clip)
         return super_quant(x, clip, self.a_gates(), self.candidates, self.a_signed,
-                           self.lsq_scale)
+                           self.lsq_scale, current().world)
 
     @torch.no_grad()
     def _track_residuals(self, x: Tensor, clip: Tensor) -> None:
         flat = x.detach().flatten()
         sample = flat[:: max(1, flat.numel() // A_SAMPLE)]
-        m = level_residuals(sample, clip.detach(), self.candidates, self.a_signed)
+        # Under torchrun each rank sees its share of the batch; the tracked statistic is the
+        # average over ranks, so every rank's gates see the same value.
+        m = mean_over_ranks(level_residuals(sample, clip.detach(), self.candidates,
+                                            self.a_signed))
         if bool(self.a_m_seen):
             self.a_m.lerp_(m, A_MOMENTUM)
         else:

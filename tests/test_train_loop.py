@@ -1,0 +1,88 @@
+"""The one training loop (`train.fit`): what it refuses, mixed precision, and that a method's
+hooks run where the loop promises."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from abs_deploy.errors import UserError
+from abs_deploy.models.registry import create_model
+from abs_deploy.train import Method, TrainConfig, evaluate, fit
+
+
+@pytest.fixture
+def small(digits):
+    return dataclasses.replace(digits, train_x=digits.train_x[:256], train_y=digits.train_y[:256])
+
+
+class _Recorder(Method):
+    name = "recorder"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[str, int]] = []
+
+    def begin_step(self, step: int) -> None:
+        self.events.append(("begin", step))
+
+    def loss(self, ce, step: int):
+        self.events.append(("loss", step))
+        return ce
+
+    def before_update(self, step: int) -> None:
+        # Gradients exist here, and the optimizer has not used them yet.
+        assert any(p.grad is not None for p in self.model.parameters())
+        self.events.append(("update", step))
+
+    def end_step(self, step: int) -> None:
+        self.events.append(("end", step))
+
+    def end_epoch(self, epoch: int) -> dict:
+        self.events.append(("epoch", epoch))
+        return {"marker": epoch}
+
+
+def test_a_methods_hooks_run_in_order_every_step(small):
+    torch.manual_seed(0)
+    model = create_model("digits_cnn", num_classes=10, in_chans=1)
+    method = _Recorder()
+    method.model = model
+    logs = fit(model, small, TrainConfig(epochs=2, batch_size=64, lr=0.05), method)
+    steps = small.num_batches("train", 64)
+    per_step = [(kind, s) for s in range(2 * steps) for kind in ("begin", "loss", "update", "end")]
+    expected = per_step[:4 * steps] + [("epoch", 0)] + per_step[4 * steps:] + [("epoch", 1)]
+    assert method.events == expected
+    assert [log.extra["marker"] for log in logs] == [0, 1]
+
+
+def test_the_cosine_schedule_reaches_zero_on_the_last_step():
+    m = Method()
+    assert m.lr_factor(0, 100) == 1.0 and m.lr_factor(50, 100) == pytest.approx(0.5)
+    assert m.lr_factor(100, 100) == pytest.approx(0.0, abs=1e-12)
+
+
+def _trained(data, amp: str | None) -> float:
+    torch.manual_seed(0)
+    model = create_model("digits_cnn", num_classes=10, in_chans=1)
+    fit(model, data, TrainConfig(epochs=8, batch_size=64, lr=0.1, amp=amp))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    return evaluate(model, data, "val")
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_trains_the_full_precision_model(small, amp):
+    """Autocast computes in half precision; the weights stay float32, and 8 epochs on 256
+    images reach what float32 reaches (0.85 on this seed) within 5 points."""
+    reached, full = _trained(small, amp), _trained(small, None)
+    assert full > 0.7 and abs(reached - full) <= 0.05
+
+
+def test_mixed_precision_is_refused_for_a_quantizing_method(small):
+    method = Method()
+    method.name, method.amp_safe = "uniform QAT", False
+    model = create_model("digits_cnn", num_classes=10, in_chans=1)
+    with pytest.raises(UserError, match="--amp is for full-precision training"):
+        fit(model, small, TrainConfig(epochs=1, amp="bf16"), method)
