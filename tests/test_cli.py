@@ -88,10 +88,10 @@ def test_killed_search_resumes_from_its_state_file(fp_digits_path, tmp_path):
     --resume refuses in one line, with --resume runs only the epochs that were missing and
     ends where an uninterrupted search ends."""
     import os
-    import signal
     import subprocess
     import sys
-    import time
+
+    from search_processes import kill_after_epochs
 
     exe = [sys.executable, "-c", "from abs_deploy.cli import main; main()"]
     args = ["search", str(fp_digits_path), "--method", "abs", "--target-bops", "64x",
@@ -103,15 +103,7 @@ def test_killed_search_resumes_from_its_state_file(fp_digits_path, tmp_path):
     out, state = tmp_path / "cut.pt", tmp_path / "cut.pt.partial"
     proc = subprocess.Popen([*exe, *args, "-o", str(out)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    done = 0
-    while proc.poll() is None and done < 2:
-        time.sleep(0.05)
-        try:
-            done = torch.load(state, weights_only=True)["resume"]["epoch"]
-        except Exception:  # not written yet, or caught mid-rename
-            done = 0
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    done = kill_after_epochs(proc, state, 2)
     assert 2 <= done < 6 and not out.exists(), "the search ended before it could be killed"
     refused = subprocess.run([*exe, *args, "-o", str(out)], env=env, capture_output=True,
                              text=True)

@@ -111,22 +111,15 @@ def test_a_search_killed_under_torchrun_resumes_under_torchrun(tmp_path, fp_digi
     """SIGTERM to torchrun after the first epoch's state is on disk; `--resume` on 2 processes
     runs only the missing epochs, writes the one output and removes the state file."""
     import signal
-    import time
+
+    from search_processes import kill_after_epochs
 
     cli = [*TORCHRUN, "--nproc-per-node", "2", "-m", "abs_deploy.cli", "search",
            str(fp_digits_path), "--target-bops", "64x", "--epochs", "4", "--device", "cpu"]
     state = tmp_path / "s.pt.partial"
     proc = subprocess.Popen([*cli, "-o", "s.pt"], cwd=tmp_path, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done = 0
-    while proc.poll() is None and done < 1:
-        time.sleep(0.05)
-        try:
-            done = torch.load(state, weights_only=True)["resume"]["epoch"]
-        except Exception:  # not written yet, or caught mid-rename
-            done = 0
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=120)
+    done = kill_after_epochs(proc, state, 1, signal.SIGTERM)
     assert 1 <= done < 4 and not (tmp_path / "s.pt").exists(), "ended before it was killed"
     resumed = _run([*cli, "--resume", "-o", "s.pt"], cwd=tmp_path)
     epochs = [int(line.split()[2]) for line in resumed.stdout.splitlines()
