@@ -177,9 +177,13 @@ class Dataset:
                                 world)
         # batch_size=None: the sampler hands the reader a whole batch of indices, so in-memory
         # sets are indexed a batch at a time and a folder is decoded item by item in a worker.
+        # A generator of its own: by default every new iterator draws its workers' base seed
+        # from torch's global RNG, so reading data would change what a model initialised
+        # afterwards looks like (randomness here comes from the seeds in the batches instead).
         return DataLoader(reader, batch_size=None, sampler=sampler, num_workers=self.workers,
                           pin_memory=self.device.startswith("cuda"),
-                          persistent_workers=self.workers > 0)
+                          persistent_workers=self.workers > 0,
+                          generator=torch.Generator().manual_seed(0))
 
 
 def load_dataset(name: str, data_dir: str | None = None, verify: bool = True,

@@ -181,3 +181,13 @@ def test_image_folder_trains_and_evaluates_through_two_workers(folder):
     top1 = evaluate(model, data, "test")
     assert 0.0 <= top1 <= 1.0
     assert data._loaders()   # the loaders (and their workers) were built by the DataLoader path
+
+
+def test_reading_batches_leaves_the_global_rng_alone():
+    """Model initialisation after a pass over the data must not depend on that pass."""
+    data = load_dataset("digits")
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    for _ in data.batches("train", 64, shuffle=True, seed=5):
+        pass
+    assert torch.equal(torch.get_rng_state(), before)
