@@ -8,12 +8,11 @@ from abs_deploy import bops
 from abs_deploy.checkpoint import make_checkpoint
 from abs_deploy.data import Dataset
 from abs_deploy.models.registry import arch_record, check_fits, create_model, data_kwargs
+from abs_deploy.progress import Progress, no_progress
 from abs_deploy.train import (
     EpochLog,
-    Progress,
     TrainConfig,
     accuracy_metrics,
-    no_progress,
     set_seed,
     train,
 )

@@ -25,16 +25,10 @@ from torch.nn.parallel import DistributedDataParallel
 from abs_deploy.data import Dataset
 from abs_deploy.distributed import Dist, current
 from abs_deploy.errors import UserError
+from abs_deploy.progress import Progress, no_progress
 from abs_deploy.sync_batchnorm import synced_batchnorm
 
-Progress = Callable[[Iterable, int, str], Iterable]
-"""`progress(iterable, total, description)` wraps the batches of one epoch (e.g. with tqdm)."""
-
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def no_progress(it: Iterable, total: int, desc: str) -> Iterable:
-    return it
 
 
 @dataclass

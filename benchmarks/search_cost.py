@@ -76,8 +76,9 @@ class MultiPathConv2d(nn.Module):
 def build(config: str, data) -> tuple[nn.Module, callable]:
     """The model and its loss function for one configuration."""
     from abs_deploy.models import create_model
+    from abs_deploy.modules import set_module
     from abs_deploy.search.abs_search import to_superbit
-    from abs_deploy.search.qmodel import calibrate, set_module
+    from abs_deploy.search.qmodel import calibrate
 
     torch.manual_seed(0)
     model = create_model("resnet20", num_classes=data.num_classes, in_chans=3)

@@ -17,6 +17,7 @@ from abs_deploy.data import Dataset, load_dataset
 from abs_deploy.export.collapse import call_order
 from abs_deploy.fold import fold_bn
 from abs_deploy.models.registry import arch_record, create_model
+from abs_deploy.modules import set_module
 
 FLOAT = 32
 
@@ -148,5 +149,4 @@ def _fold_all(model: nn.Module, decision: dict) -> None:
         w, b, _ = fold_bn(layer.weight, layer.bias, model.get_submodule(d["bn"]))
         layer.weight.copy_(w)
         layer.bias = nn.Parameter(b)
-        parent, _, child = d["bn"].rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, nn.Identity())
+        set_module(model, d["bn"], nn.Identity())

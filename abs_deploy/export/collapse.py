@@ -31,6 +31,7 @@ from abs_deploy import graph
 from abs_deploy.errors import UserError
 from abs_deploy.fold import fold_bn
 from abs_deploy.models.registry import build_model
+from abs_deploy.modules import set_module
 from abs_deploy.quant import int_range, quantize_int, scale, stored_weight_bits
 
 FLOAT_BITS = 32
@@ -106,7 +107,7 @@ def collapse(ckpt: dict, reduce_range: bool = True) -> Collapsed:
     _zero_pruned(model, layers)
     reference = copy.deepcopy(model)
     for name, lq in layers.items():
-        _set_module(reference, name, _integer_layer(reference.get_submodule(name), lq,
+        set_module(reference, name, _integer_layer(reference.get_submodule(name), lq,
                                                     clips[name], k_of[name]))
     notes = []
     reduced = [n for n, lq in layers.items() if lq.w_store_bits != lq.w_bits]
@@ -226,7 +227,7 @@ def _drop_folded_norms(model: nn.Module, layers: dict[str, LayerQuant]) -> None:
     for name, lq in layers.items():
         if lq.bn is None:
             continue
-        _set_module(model, lq.bn, nn.Identity())
+        set_module(model, lq.bn, nn.Identity())
         layer = model.get_submodule(name)
         if layer.bias is None:
             layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
@@ -290,7 +291,7 @@ def _fold_norms(model: nn.Module, layers: dict[str, LayerQuant]) -> dict[str, Te
         w, b, k = fold_bn(layer.weight, layer.bias, bn)
         layer.weight = nn.Parameter(w)
         layer.bias = nn.Parameter(b)
-        _set_module(model, lq.bn, nn.Identity())
+        set_module(model, lq.bn, nn.Identity())
         k_of[name] = k
     for p in model.parameters():
         p.requires_grad_(False)
@@ -333,11 +334,6 @@ def _integer_layer(layer: nn.Module, lq: LayerQuant, clip: tuple[Tensor | None, 
         b_int = q
     cls = IntConv2d if lq.kind == "conv" else IntLinear
     return cls(layer, lq, codes, w_scale, a_scale, b_int)
-
-
-def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 class _Integer:

@@ -14,7 +14,6 @@ import onnx
 
 from abs_deploy.export.validate import runtime_session
 
-Progress = Callable[[Iterable, int, str], Iterable]
 MIN_RUNS = 50
 WARMUP = 10  # untimed runs per model and setting before the timed ones
 

@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from abs_deploy.export.errors import ExportFailed
-from abs_deploy.export.validate import FULL_TOP1_AGREEMENT, Batches, Progress, no_progress, session
+from abs_deploy.export.validate import FULL_TOP1_AGREEMENT, Batches, session
+from abs_deploy.progress import Progress, no_progress
 
 
 @dataclass

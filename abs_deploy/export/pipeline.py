@@ -32,15 +32,14 @@ from abs_deploy.export.validate import (
     Batches,
     FileCheck,
     ModeParity,
-    Progress,
     PruneParity,
     accuracy,
     check_file,
     check_pruning,
     check_qcdq,
-    no_progress,
 )
 from abs_deploy.files import check_output, discard, reason, same_file, temp_dir
+from abs_deploy.progress import Progress, no_progress
 from abs_deploy.quant import int_range
 
 FORMAT = "abs-deploy-qcdq/1"

@@ -42,8 +42,8 @@ from abs_deploy.errors import UserError
 from abs_deploy.export import qdq
 from abs_deploy.export.collapse import LayerQuant
 from abs_deploy.export.errors import ExportFailed
+from abs_deploy.progress import Progress, no_progress
 
-Progress = Callable[[Iterable, int, str], Iterable]
 Batches = list[tuple[Tensor, Tensor]]
 
 OFF_LOGITS_RTOL = 1e-4
@@ -52,9 +52,6 @@ FULL_CODES_EQUAL = 0.999
 FULL_CODES_MAX_DIFF = 1
 PRUNE_RTOL = 1e-5
 
-
-def no_progress(it: Iterable, total: int, desc: str) -> Iterable:
-    return it
 
 
 @dataclass

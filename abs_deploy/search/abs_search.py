@@ -41,8 +41,10 @@ from abs_deploy.data import Dataset
 from abs_deploy.device import device_of
 from abs_deploy.distributed import current
 from abs_deploy.errors import UserError
+from abs_deploy.modules import get_module, set_module
+from abs_deploy.progress import Progress, no_progress
 from abs_deploy.search.controller import RELAY, ControllerGains, LambdaController
-from abs_deploy.search.qmodel import calibrate, get_module, model_from_checkpoint, set_module
+from abs_deploy.search.qmodel import calibrate, model_from_checkpoint
 from abs_deploy.search.superbit import (
     SUPERBIT_TYPES,
     TAU,
@@ -54,12 +56,10 @@ from abs_deploy.search.uniform import searched_checkpoint
 from abs_deploy.train import (
     EpochLog,
     Method,
-    Progress,
     ResumeFile,
     TrainConfig,
     evaluate,
     fit,
-    no_progress,
     param_groups,
 )
 

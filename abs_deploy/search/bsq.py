@@ -22,23 +22,17 @@ from abs_deploy import bops, graph
 from abs_deploy.data import Dataset
 from abs_deploy.distributed import current
 from abs_deploy.errors import UserError
+from abs_deploy.modules import get_module, set_module
+from abs_deploy.progress import Progress, no_progress
 from abs_deploy.search.bitplanes import MAX_MAG_BITS, MIN_MAG_BITS, to_bitplane
-from abs_deploy.search.qmodel import (
-    get_module,
-    make_decision,
-    model_from_checkpoint,
-    quantize_model,
-    set_module,
-)
+from abs_deploy.search.qmodel import make_decision, model_from_checkpoint, quantize_model
 from abs_deploy.search.uniform import prepare_quantizers, searched_checkpoint
 from abs_deploy.train import (
     EpochLog,
     Method,
-    Progress,
     TrainConfig,
     evaluate,
     fit,
-    no_progress,
     param_groups,
 )
 

@@ -12,14 +12,13 @@ from abs_deploy.checkpoint import make_checkpoint
 from abs_deploy.data import Dataset
 from abs_deploy.errors import UserError
 from abs_deploy.models.registry import build_model
+from abs_deploy.progress import Progress, no_progress
 from abs_deploy.search.qmodel import fold_batchnorm, model_from_checkpoint
 from abs_deploy.train import (
     EpochLog,
-    Progress,
     TrainConfig,
     accuracy_metrics,
     evaluate,
-    no_progress,
     train,
 )
 

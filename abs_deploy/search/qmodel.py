@@ -12,18 +12,10 @@ from torch import Tensor, nn
 from abs_deploy.errors import UserError
 from abs_deploy.fold import fold_bn
 from abs_deploy.models.registry import build_model
+from abs_deploy.modules import get_module, set_module
 from abs_deploy.search.qlayers import QUANT_TYPES, QConv2d, QLinear
 
 Bits = Mapping[str, tuple[int, int]]
-
-
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
-
-
-def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
 def quantize_model(model: nn.Module, bits: Bits, signed: Mapping[str, bool] | None = None

@@ -10,6 +10,7 @@ import torch
 from abs_deploy import bops, graph
 from abs_deploy.checkpoint import make_checkpoint
 from abs_deploy.data import Dataset
+from abs_deploy.progress import Progress, no_progress
 from abs_deploy.search.qlayers import mse_weight_clip
 from abs_deploy.search.qmodel import (
     calibrate,
@@ -19,11 +20,9 @@ from abs_deploy.search.qmodel import (
     quantize_model,
 )
 from abs_deploy.train import (
-    Progress,
     TrainConfig,
     accuracy_metrics,
     evaluate,
-    no_progress,
     train,
 )
 
