@@ -162,14 +162,19 @@ def test_a_killed_export_leaves_a_temporary_folder_the_next_export_removes(good,
            "--max-images", "64"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(
         [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while proc.poll() is None and not any(tmp_path.iterdir()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    log = tmp_path.parent / f"{tmp_path.name}.stderr"   # beside the folder, not in it
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and not any(tmp_path.iterdir()) and \
+                time.monotonic() < deadline:
+            time.sleep(0.02)
+        ended = proc.poll()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     left = [p.name for p in tmp_path.iterdir()]
-    assert len(left) == 1 and left[0].startswith(".m.onnx.abs-tmp-"), left
+    assert len(left) == 1 and left[0].startswith(".m.onnx.abs-tmp-"), (
+        left, f"exit code before the kill: {ended}", log.read_text()[-2000:])
     again = subprocess.run(cmd, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [
