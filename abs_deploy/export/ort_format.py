@@ -8,13 +8,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
 from torch import nn
 
 from abs_deploy.export.errors import ExportFailed
+from abs_deploy.export.parity import Agreement
 from abs_deploy.export.validate import FULL_TOP1_AGREEMENT, Batches, session
 from abs_deploy.progress import Progress, no_progress
 
@@ -62,22 +62,16 @@ def check(path: Path, model: onnx.ModelProto, reference: nn.Module, batches: Bat
     mobile = session(path.read_bytes(), optimize=True)
     full = session(model, optimize=True)
     r = OrtFormatParity(bytes=path.stat().st_size)
-    correct = agree = agree_onnx = 0
-    diff = scale = 0.0
+    vs_reference, vs_onnx = Agreement(), Agreement()
     reference.eval()
     for x, y in progress(batches, len(batches), "validate .ort"):
         feed = {"input": x.numpy()}
         got, want = mobile.run(None, feed)[0], full.run(None, feed)[0]
-        ref = reference(x).numpy()
-        correct += int((got.argmax(1) == y.numpy()).sum())
-        agree += int((got.argmax(1) == ref.argmax(1)).sum())
-        agree_onnx += int((got.argmax(1) == want.argmax(1)).sum())
-        diff = max(diff, float(np.abs(got - want).max()))
-        scale = max(scale, float(np.abs(want).max()))
-        r.images += len(y)
-    n = max(r.images, 1)
-    r.accuracy, r.top1_agreement, r.onnx_top1_agreement = correct / n, agree / n, agree_onnx / n
-    r.onnx_logits_rel = diff / max(scale, 1e-30)
+        vs_reference.add(got, reference(x).numpy(), y.numpy())
+        vs_onnx.add(got, want, y.numpy())
+    r.images = vs_reference.images
+    r.accuracy, r.top1_agreement = vs_reference.accuracy, vs_reference.top1_agreement
+    r.onnx_top1_agreement, r.onnx_logits_rel = vs_onnx.top1_agreement, vs_onnx.logits_rel
     if r.top1_agreement < FULL_TOP1_AGREEMENT:
         r.failure = (f".ort file: top-1 agreement with the reference "
                      f"{100 * r.top1_agreement:.2f}% (needs {100 * FULL_TOP1_AGREEMENT:g}%)")

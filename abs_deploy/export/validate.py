@@ -42,6 +42,7 @@ from abs_deploy.errors import UserError
 from abs_deploy.export import qdq
 from abs_deploy.export.collapse import LayerQuant
 from abs_deploy.export.errors import ExportFailed
+from abs_deploy.export.parity import Agreement
 from abs_deploy.progress import Progress, no_progress
 
 Batches = list[tuple[Tensor, Tensor]]
@@ -230,7 +231,7 @@ def check_qcdq(model: onnx.ModelProto, reference: nn.Module, layers: dict[str, L
     for rt in runtimes:
         plain[rt], local[rt] = runtime_session(model, rt), runtime_session(cut, rt)
     modes = {m: _ModeStats(m, list(codes)) for m in plain}
-    ref_correct = total = 0
+    ref_correct = total = 0   # the reference against the labels alone
     for x, y in progress(batches, len(batches),
                          "validate in " + " + ".join(["ORT", *(_LABEL[r] for r in runtimes)])):
         ref_logits, ref_codes = _reference(reference, codes, x)
@@ -378,16 +379,13 @@ class _ModeStats:
     def __init__(self, mode: str, layers: list[str]) -> None:
         self.mode = mode
         self.layers = {n: LayerCodes(n) for n in layers}
-        self.correct = self.agree = 0
-        self.diff = self.forced_diff = self.scale = 0.0
+        self.file = Agreement()      # the file as it is, end to end
+        self.cut = Agreement()       # the layer-cut model fed the reference's codes
 
     def add(self, logits: np.ndarray, forced: np.ndarray, ref: np.ndarray, y: np.ndarray,
             codes: dict[str, np.ndarray], ref_codes: dict[str, np.ndarray]) -> None:
-        self.correct += int((logits.argmax(1) == y).sum())
-        self.agree += int((logits.argmax(1) == ref.argmax(1)).sum())
-        self.diff = max(self.diff, float(np.abs(logits - ref).max()))
-        self.forced_diff = max(self.forced_diff, float(np.abs(forced - ref).max()))
-        self.scale = max(self.scale, float(np.abs(ref).max()))
+        self.file.add(logits, ref, y)
+        self.cut.add(forced, ref, y)
         for name, c in self.layers.items():
             d = np.abs(codes[name].astype(np.int32) - ref_codes[name])
             c.count += d.size
@@ -397,10 +395,8 @@ class _ModeStats:
     def result(self, total: int) -> ModeParity:
         layers = list(self.layers.values())
         count = sum(c.count for c in layers)
-        scale = max(self.scale, 1e-30)
-        r = ModeParity(self.mode, total, self.correct / max(total, 1),
-                       self.agree / max(total, 1), self.forced_diff / scale, self.diff / scale,
-                       layers=layers)
+        r = ModeParity(self.mode, total, self.file.accuracy, self.file.top1_agreement,
+                       self.cut.logits_rel, self.file.logits_rel, layers=layers)
         if count:
             r.codes_equal = sum(c.equal for c in layers) / count
             r.codes_max_diff = max(c.max_diff for c in layers)
@@ -483,22 +479,16 @@ def check_file(path: str, batches: Batches, progress: Progress = no_progress,
                         f"dataset gives {list(batches[0][0].shape)}")
     full = runtime_session(model, runtime)
     off = session(model, False)
-    correct = [0, 0]
-    agree = total = 0
-    diff = scale = 0.0
+    vs_off, off_alone = Agreement(), Agreement()   # `runtime` against unoptimized ORT
     for x, y in progress(batches, len(batches), f"validate in {runtime}"):
         feed = {model.graph.input[0].name: x.numpy()}
         a, o = full.run(None, feed)[0], off.run(None, feed)[0]
-        correct[0] += int((a.argmax(1) == y.numpy()).sum())
-        correct[1] += int((o.argmax(1) == y.numpy()).sum())
-        agree += int((a.argmax(1) == o.argmax(1)).sum())
-        diff = max(diff, float(np.abs(a - o).max()))
-        scale = max(scale, float(np.abs(o).max()))
-        total += len(y)
-    total = max(total, 1)
+        vs_off.add(a, o, y.numpy())
+        off_alone.add(o, o, y.numpy())
     meta = read_metadata(model)
-    check = FileCheck(path, total, correct[0] / total, correct[1] / total, agree / total,
-                      diff / max(scale, 1e-30), meta.get("abs_deploy.decision"), None)
+    check = FileCheck(path, max(vs_off.images, 1), vs_off.accuracy, off_alone.accuracy,
+                      vs_off.top1_agreement, vs_off.logits_rel, meta.get("abs_deploy.decision"),
+                      None)
     if check.top1_agreement < FULL_TOP1_AGREEMENT:
         name = "optimized ORT" if runtime == "onnxruntime" else _LABEL[runtime]
         check.failure = (f"{name} and unoptimized ORT agree on top-1 for only "
