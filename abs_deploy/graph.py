@@ -26,6 +26,7 @@ from torch.fx import Node
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils import _pytree as pytree
 
+from abs_deploy import ops
 from abs_deploy.errors import UserError
 
 aten = torch.ops.aten
@@ -181,32 +182,6 @@ class _Acc:
     spatial: dict[str, int] = field(default_factory=dict)
 
 
-# Elementwise ops that map 0 to 0, so a pruned (zeroed) channel stays zero through them.
-_ZERO_PRESERVING = {
-    aten.relu, aten.relu_, aten.relu6, aten.silu, aten.silu_, aten.hardswish, aten.hardswish_,
-    aten.gelu, aten.tanh, aten.leaky_relu, aten.elu, aten.selu, aten.celu, aten.mish,
-    aten.dropout, aten.feature_dropout, aten.clone, aten.contiguous, aten.alias, aten.detach,
-    aten._to_copy, aten.to, aten.neg, aten.abs, aten.lift_fresh_copy,
-}
-# Channel-wise but 0 -> non-zero: the removed channel would have fed consumers a constant.
-_NONZERO_AT_ZERO = {aten.sigmoid, aten.hardsigmoid, aten.softplus, aten.exp}
-# Ops on the last two (spatial) dims only; zeros stay zeros.
-_SPATIAL_2D = {
-    aten.max_pool2d, aten.avg_pool2d, aten.adaptive_avg_pool2d, aten._adaptive_avg_pool2d,
-    aten.adaptive_max_pool2d, aten.max_pool2d_with_indices, aten.upsample_nearest2d,
-    aten.upsample_bilinear2d, aten.reflection_pad2d, aten.replication_pad2d,
-}
-_RESHAPE = {
-    aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.squeeze,
-    aten.unsqueeze,
-}
-_REDUCE = {aten.mean, aten.sum, aten.amax, aten.amin}
-# Read shapes or assert metadata only; the values of the channels do not matter to them.
-_HARMLESS = {aten.sym_size, aten.sym_numel, aten.sym_stride, aten._assert_tensor_metadata}
-_CONV = {aten.conv2d, aten.convolution}
-_BATCH_NORM = {aten.batch_norm, aten._native_batch_norm_legit_no_training}
-
-
 class _Walk:
     """One pass over an exported graph: groups, layer call order and BN-after-layer."""
 
@@ -330,42 +305,28 @@ class _Walk:
             elif src is not None:
                 self._opaque(node, f"unknown indexing at node {node.name}")
             return
-        packet = getattr(target, "overloadpacket", None)
-        if packet in _CONV:
-            self._conv(node)
-        elif packet is aten.linear:
-            self._linear(node)
-        elif packet in _BATCH_NORM:
-            self._batch_norm(node)
+        op = ops.op_of(target)
+        if op is not None and op.channels in ("conv", "linear", "batch_norm"):
+            getattr(self, f"_{op.channels}")(node)
         elif not self._tracked_args(node):
             return  # constants, shapes, fresh tensors: no channels of any group
-        elif packet in _HARMLESS:
-            return
-        elif packet in _ZERO_PRESERVING:
-            self._passthrough(node)
-        elif packet in (aten.hardtanh, aten.clamp, aten.hardtanh_):
-            self._clamp(node)
-        elif packet in _NONZERO_AT_ZERO:
-            self._passthrough(node, f"{packet._qualified_op_name.replace('::', '.')} maps 0 "
-                                    f"to a non-zero value at node {node.name}")
-        elif packet in _SPATIAL_2D:
-            self._spatial(node)
-        elif packet in _RESHAPE:
-            self._reshape(node)
-        elif packet in (aten.permute, aten.transpose, aten.t):
-            self._permute(node)
-        elif packet in _REDUCE:
-            self._reduce(node)
-        elif packet in (aten.add, aten.sub, aten.mul, aten.div):
-            self._binary(node, packet)
-        elif packet is aten.cat:
-            self._cat(node)
-        elif packet in (aten.pad, aten.constant_pad_nd):
-            self._pad(node)
-        elif packet in (aten.slice, aten.select):
-            self._slice(node, packet)
-        else:
+        elif op is None:
             self._opaque(node, f"unknown op {_op_name(node)} at node {node.name}")
+        else:
+            self._rule(op.channels, node)
+
+    def _rule(self, rule: str, node: Node) -> None:
+        """Apply the table's channel rule `rule` (see `ops.py`) to `node`."""
+        packet = node.target.overloadpacket
+        if rule == "harmless":
+            return
+        if rule == "nonzero_at_zero":
+            self._passthrough(node, f"{ops.name_of(packet)} maps 0 to a non-zero value at "
+                                    f"node {node.name}")
+        elif rule in ("binary", "slice"):
+            getattr(self, f"_{rule}")(node, packet)
+        else:
+            getattr(self, f"_{rule}")(node)
 
     # -- helpers --------------------------------------------------------------------------
 

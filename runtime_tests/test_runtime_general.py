@@ -18,9 +18,10 @@ import general_nets  # noqa: E402  (loaded by import path "general_nets:<factory
 
 # mobilenetv2_style is the zoo's MobileNetV2, which test_runtime_zoo.py already exports.
 FACTORIES = [f for f in general_nets.ALL if f != "mobilenetv2_style"]
-# The ones export must refuse, and the words the refusal must hold: the op and the module.
-REFUSED = {"upsample_net": ("aten.upsample_nearest2d", "UpsampleNet"),
-           "fpn_level": ("aten.upsample_nearest2d", "FPNLevel")}
+# The ones export must refuse, and the words the refusal must hold: the op, the module, and
+# the list of what export writes (from the op table).
+REFUSED = {"bilinear_net": ("aten.upsample_bilinear2d", "BilinearNet",
+                            "aten.upsample_nearest2d")}
 
 
 @pytest.fixture(autouse=True)
@@ -44,3 +45,30 @@ def test_exports_with_parity_or_is_refused_by_name(factory, datasets, tmp_path):
         return
     result = export_model(path, ExportOptions(latency=False, max_images=32))
     assert all(p["passed"] for p in result.report["parity"].values())
+
+
+
+def test_an_fpn_level_exports_through_nearest_upsampling(datasets, tmp_path):
+    """The op table's nearest-upsample entry: the FPN level (a lateral 1x1 conv added to the
+    upsampled top-down map), refused by name before the entry, passes parity in both ORT modes
+    with the upsample written as one Resize (nearest)."""
+    import onnx
+
+    ckpt = random_checkpoint("general_nets:fpn_level", datasets("digits32"), seed=7)
+    path = save_checkpoint(ckpt, tmp_path / "model.pt")
+    result = export_model(path, ExportOptions(latency=False, max_images=32))
+    parity = result.report["parity"]
+    assert {"ort_unoptimized", "ort_optimized"} <= set(parity), parity
+    assert all(p["passed"] for p in parity.values())
+    resizes = [n for n in onnx.load(result.files["onnx"]).graph.node if n.op_type == "Resize"]
+    assert len(resizes) == 1 and {a.name: a.s for a in resizes[0].attribute}["mode"] == b"nearest"
+
+
+@pytest.mark.xfail(strict=True, reason="OpenVINO's input codes of down.0 differ by up to 48 "
+                   "on this random decision; the same model without the upsample (down at "
+                   "stride 1, no Resize) fails the same way, so the cause is elsewhere (open)")
+def test_an_fpn_level_passes_in_openvino(datasets, tmp_path):
+    pytest.importorskip("openvino")
+    ckpt = random_checkpoint("general_nets:fpn_level", datasets("digits32"), seed=7)
+    path = save_checkpoint(ckpt, tmp_path / "model.pt")
+    export_model(path, ExportOptions(latency=False, max_images=32, check_runtimes=("openvino",)))

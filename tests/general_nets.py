@@ -216,6 +216,16 @@ class FPNLevel(nn.Module):
         return self.fc(self.head(p).mean((2, 3)))
 
 
+class BilinearNet(UpsampleNet):
+    """UpsampleNet with bilinear upsampling, which the op table knows for channels but export
+    does not write: refused by name."""
+
+    def forward(self, x):
+        fine = self.fine(x)
+        up = F.interpolate(self.coarse(fine), scale_factor=2.0, mode="bilinear")
+        return self.fc((fine + up).mean((2, 3)))
+
+
 def vgg(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
     return VGG(num_classes, in_chans)
 
@@ -263,6 +273,10 @@ def fpn_level(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
     return FPNLevel(num_classes, in_chans)
 
 
+def bilinear_net(num_classes: int = 10, in_chans: int = 3) -> nn.Module:
+    return BilinearNet(num_classes, in_chans)
+
+
 ALL = ["vgg", "view_net", "resnet18_style", "resnet50_style", "resnext_style", "densenet_style",
        "inception_style", "se_net", "mobilenetv2_style", "upsample_net",
-       "fpn_level"]
+       "fpn_level", "bilinear_net"]

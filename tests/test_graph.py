@@ -438,3 +438,29 @@ def test_permutation_reads_permute_transpose_and_t():
               if n.op == "call_function" and n.target.overloadpacket in (
                   torch.ops.aten.permute, torch.ops.aten.transpose, torch.ops.aten.t)]
     assert orders == [[0, 2, 3, 1], [0, 3, 2, 1], [1, 0]]
+
+
+def test_nearest_upsampling_carries_channels_from_the_top_down_map_to_the_add():
+    """FPN level: `lateral(fine) + upsample(top(down(fine)))`. The upsample acts on the spatial
+    dims only (the op table's "spatial" rule), so `top` and `lateral` produce one group (the
+    add joins them), read by the head conv; the 2x upsample does not change which channels."""
+    import general_nets
+
+    groups = channel_groups(general_nets.fpn_level(), torch.randn(1, 3, 16, 16))
+    g = _group_of(groups, "top")
+    assert sorted(g.producers) == ["lateral", "top"]
+    assert g.consumers == ["head.0"]
+    assert g.reason == "feeds a residual add"
+
+
+def test_the_op_table_is_what_both_walkers_read():
+    """Export's refusal lists the table's writable ops; graph and export know the same ops."""
+    from abs_deploy import ops
+
+    names = ops.exportable()
+    assert "aten.upsample_nearest2d" in names and "aten.conv2d" in names
+    assert "aten.upsample_bilinear2d" not in names      # channels known, not written
+    assert all(op.channels in {"conv", "linear", "batch_norm", "harmless", "passthrough",
+                               "nonzero_at_zero", "clamp", "spatial", "reshape", "permute",
+                               "reduce", "binary", "cat", "pad", "slice"}
+               for op in ops.OPS.values())

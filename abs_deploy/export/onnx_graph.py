@@ -15,7 +15,7 @@ the traced batch size copies the input's batch dimension instead.
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 from torch.fx import Node
 
-from abs_deploy import __version__, graph
+from abs_deploy import __version__, graph, ops
 from abs_deploy.errors import UserError
 from abs_deploy.export import qdq
 
@@ -131,12 +131,6 @@ def _remove_dead(m: onnx.ModelProto) -> None:
 
 # --- the translator ------------------------------------------------------------------------
 
-_IDENTITY = {aten.dropout, aten.feature_dropout, aten.clone, aten.contiguous, aten.alias,
-             aten.detach, aten.lift_fresh_copy}
-_SKIP = {aten._assert_tensor_metadata, aten.sym_size, aten.sym_numel, aten.sym_stride}
-_UNARY = {aten.relu: "Relu", aten.relu_: "Relu", aten.sigmoid: "Sigmoid", aten.tanh: "Tanh",
-          aten.hardswish: "HardSwish", aten.hardswish_: "HardSwish"}
-_BINARY = {aten.add: "Add", aten.sub: "Sub", aten.mul: "Mul", aten.div: "Div"}
 
 
 def _clamp_bounds(node: Node) -> tuple[float | None, float | None] | None:
@@ -171,19 +165,6 @@ class _Translator:
         self.env: dict[Node, object] = {}
         self.quant: dict[str, qdq.ActQuant] = {}
         self.output_node: Node | None = None
-        self.handlers: dict[object, Callable[[Node], object]] = {
-            aten.conv2d: self._conv, aten.convolution: self._conv, aten.linear: self._linear,
-            aten.batch_norm: self._batch_norm,
-            aten._native_batch_norm_legit_no_training: self._batch_norm,
-            aten.hardtanh: self._clamp, aten.hardtanh_: self._clamp, aten.relu6: self._clamp,
-            aten.clamp: self._clamp, aten.adaptive_avg_pool2d: self._adaptive_avg_pool,
-            aten.avg_pool2d: self._avg_pool, aten.max_pool2d: self._max_pool,
-            aten.mean: self._mean, aten.flatten: self._flatten, aten.view: self._reshape,
-            aten.reshape: self._reshape, aten._unsafe_view: self._reshape,
-            aten.cat: self._cat, aten.permute: self._permute, aten.transpose: self._permute,
-            aten.t: self._permute, aten.hardsigmoid: self._hardsigmoid, aten.silu: self._silu,
-            aten.gelu: self._gelu,
-        }
 
     # -- driver ---------------------------------------------------------------------------
 
@@ -201,22 +182,20 @@ class _Translator:
     def _call(self, node: Node) -> object:
         if node.target is operator.getitem:
             return self.env[node.args[0]][node.args[1]]
-        packet = getattr(node.target, "overloadpacket", None)
-        if packet in _SKIP:
+        op = ops.op_of(node.target)
+        if op is None or op.onnx is None:
+            raise UserError(f"export cannot translate op {node.target}{_module_of(node)} (node "
+                            f"{node.name}); it writes: {', '.join(ops.exportable())}")
+        if op.onnx == "skip":
             return None
-        if packet in _IDENTITY:
+        if op.onnx == "identity":
             return self.env[node.args[0]]
-        if packet in _UNARY:
-            return self.b.node(_UNARY[packet], [self._t(node.args[0])], node.name)
-        if packet in _BINARY:
-            return self._binary(node, _BINARY[packet])
-        handler = self.handlers.get(packet)
-        if handler is None:
-            where = _module_of(node)
-            raise UserError(f"export cannot translate op {node.target}{where} (node "
-                            f"{node.name}); supported: conv, linear, batch norm, ReLU/ReLU6/"
-                            "clamp, add/mul, pooling, flatten/reshape, cat")
-        return handler(node)
+        kind, _, onnx_op = op.onnx.partition(":")
+        if kind == "unary":
+            return self.b.node(onnx_op, [self._t(node.args[0])], node.name)
+        if kind == "binary":
+            return self._binary(node, onnx_op)
+        return getattr(self, f"_{op.onnx}")(node)
 
     def _placeholder(self, node: Node) -> None:
         if node.name in self.lifted:
@@ -335,7 +314,7 @@ class _Translator:
 
     def _quant_source(self, x: Node) -> tuple[Node, float | None, float | None]:
         """The tensor a quantizer should read and the float clamp it absorbs (see qdq.py)."""
-        while x.op == "call_function" and getattr(x.target, "overloadpacket", None) in _IDENTITY:
+        while x.op == "call_function" and getattr(ops.op_of(x.target), "onnx", None) == "identity":
             x = x.args[0]
         bounds = _clamp_bounds(x) if x.op == "call_function" else None
         if bounds is None:
@@ -432,6 +411,18 @@ class _Translator:
         return self.b.node("MaxPool", [self._t(node.args[0])], node.name, kernel_shape=k,
                            strides=s, pads=[p[0], p[1], p[0], p[1]], dilations=d,
                            ceil_mode=int(_arg(node, 5, "ceil_mode", False)))
+
+    def _upsample_nearest(self, node: Node) -> str:
+        """Nearest upsampling by whole factors, as ONNX Resize: output pixel i reads input
+        pixel floor(i / factor), which is PyTorch's nearest ("asymmetric", "floor")."""
+        x = node.args[0]
+        (_, _, h, w), (_, _, oh, ow) = self._shape(x), [int(v) for v in node.meta["val"].shape]
+        if oh % h or ow % w:
+            raise UserError(f"nearest upsampling from {h}x{w} to {oh}x{ow} (node {node.name}) "
+                            "is not by a whole factor; export writes whole factors only")
+        scales = self._const(f"{node.name}.scales", [1.0, 1.0, oh / h, ow / w])
+        return self.b.node("Resize", [self._t(x), "", scales], node.name, mode="nearest",
+                           coordinate_transformation_mode="asymmetric", nearest_mode="floor")
 
     def _mean(self, node: Node) -> str:
         x = node.args[0]
