@@ -296,20 +296,11 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
     if not 0 <= max_prune < 1:
         raise UserError(f"max_prune must be in [0, 1), got {max_prune}")
     model = model_from_checkpoint(fp_ckpt).to(data.device)
-    example = torch.zeros(data.input_shape, device=data.device)
     fp_top1 = evaluate(model, data, "test")
     costs = bops.layer_costs(model, data.input_shape)
     fp_bops = float(bops.totals(bops.bops_table(costs))["bops"])
-    net = to_superbit(model, example, cands, max_prune, edge_bits)
-    model.to(data.device)        # the super-bit layers' new clips, thresholds and gates
-    for layer in net.layers.values():
-        layer.lsq_scale = lsq_scale
+    net = _superbit_net(model, data, cands, max_prune, edge_bits, lsq_scale, gate_margin)
     _check_target(net, target_bops)
-    # Every rank reads the same unsharded batches here, so all start from the same clips.
-    calibrate(model, (x for x, _ in islice(data.batches("train", 128, shuffle=True), 4)))
-    if gate_margin is not None:
-        start_thresholds(net, (x for x, _ in islice(data.batches("train", 128, shuffle=True),
-                                                    4)), gate_margin)
     if pin_bits is not None:
         net.pin(pin_bits)
 
@@ -340,6 +331,23 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
                                candidates=list(cands), max_prune=max_prune,
                                search_bops=searched_bops, projection_moves=moves,
                                swap=swapped)
+
+
+def _superbit_net(model: nn.Module, data: Dataset, cands: tuple[int, ...], max_prune: float,
+                  edge_bits: int | None, lsq_scale: bool, gate_margin: float | None
+                  ) -> SuperBitNet:
+    """`model` turned super-bit, its clips calibrated and its gates opened (`start_thresholds`).
+    Every rank reads the same unsharded batches here, so all start from the same clips."""
+    net = to_superbit(model, torch.zeros(data.input_shape, device=data.device), cands,
+                      max_prune, edge_bits)
+    model.to(data.device)        # the super-bit layers' new clips, thresholds and gates
+    for layer in net.layers.values():
+        layer.lsq_scale = lsq_scale
+    calibrate(model, (x for x, _ in islice(data.batches("train", 128, shuffle=True), 4)))
+    if gate_margin is not None:
+        start_thresholds(net, (x for x, _ in islice(data.batches("train", 128, shuffle=True),
+                                                    4)), gate_margin)
+    return net
 
 
 class AbsMethod(Method):
