@@ -104,7 +104,12 @@ def test_a_signal_ends_with_130_one_line_and_no_output(tmp_path, sig):
     first = proc.stdout.readline()  # training is under way after its first epoch
     assert first.startswith("pretrain epoch") and proc.poll() is None, first
     proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=60)
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:   # once in CI: say where it was, for the next time
+        proc.kill()
+        raise AssertionError(f"still running 60 s after the signal: {proc.communicate()}") \
+            from None
     assert proc.returncode == 130 and stderr.strip() == "Error: interrupted", stderr
     assert list(tmp_path.iterdir()) == []
 

@@ -108,22 +108,39 @@ def guarded(fn: Callable) -> Callable:
     return wrapper
 
 
+_SIGNALLED = threading.Event()
+
+
 @contextlib.contextmanager
 def _sigterm_interrupts() -> Iterator[None]:
     """SIGTERM (kill, a scheduler's time limit) unwinds like Ctrl-C, so clean-up runs and the
-    exit code says "interrupted"; the previous handler is restored afterwards."""
+    exit code says "interrupted"; the previous handlers are restored afterwards."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    _SIGNALLED.clear()
+    previous = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
+    # Remembered as well as raised: Python prints and drops an exception raised inside a
+    # finaliser (a generator or DataLoader iterator closed by the garbage collector), and the
+    # work would go on; the progress bars raise it again at their next step.
+    _SIGNALLED.set()
     raise KeyboardInterrupt
+
+
+class _Bar(tqdm):
+    def __iter__(self):
+        for item in super().__iter__():
+            if _SIGNALLED.is_set():
+                raise KeyboardInterrupt
+            yield item
 
 
 def _one_line(text: str) -> str:
@@ -162,7 +179,7 @@ class FiniteFloat(click.FloatRange):
 
 def progress(it: Iterable, total: int, desc: str) -> Iterable:
     # Bars only on a terminal: logs and CI get the per-epoch summary lines instead.
-    return tqdm(it, total=total, desc=desc, leave=False, file=sys.stderr, disable=None,
+    return _Bar(it, total=total, desc=desc, leave=False, file=sys.stderr, disable=None,
                 dynamic_ncols=True)
 
 
