@@ -39,7 +39,8 @@ class Dist:
         return self.world > 1
 
     def sum(self, values: list[float], device: str | torch.device = "cpu") -> list[float]:
-        """Element-wise sum over ranks (accuracy counts, losses)."""
+        """Element-wise sum over ranks (accuracy counts, losses), through a tensor on `device`:
+        NCCL reduces only CUDA tensors, so callers pass the device they train on."""
         if not self.active:
             return list(values)
         t = torch.tensor(values, dtype=torch.float64, device=device)

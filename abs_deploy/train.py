@@ -166,7 +166,7 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, method: Method | None
             if method.rebuild():
                 opts = method.optimizers(model, cfg)
                 ddp = _wrap(model, method)
-            loss_sum, correct, seen = dist.sum(totals)
+            loss_sum, correct, seen = dist.sum(totals, data.device)
             log = EpochLog(epoch + 1, loss_sum / seen, correct / seen, evaluate(model, data),
                            time.perf_counter() - t0, extra)
             state["logs"].append(log.as_dict())
@@ -296,5 +296,5 @@ def evaluate(model: nn.Module, data: Dataset, split: str = "val", batch_size: in
         correct += (model(x).argmax(1) == y).sum().item()
         total += len(y)
     model.train(was_training)
-    correct, total = dist.sum([correct, total])
+    correct, total = dist.sum([correct, total], data.device)
     return correct / max(total, 1)
