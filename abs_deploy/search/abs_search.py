@@ -434,6 +434,13 @@ def _agree(net: SuperBitNet) -> None:
     dist.same_on_all_ranks(net.decision(), "the searched decision")
 
 
+class _Refine(Method):
+    name = "refine"
+    keep_best = False
+    amp_safe = False
+    find_unused_parameters = True
+
+
 def _refine(net: SuperBitNet, data: Dataset, cfg: TrainConfig, epochs: int,
             progress: Progress) -> list[EpochLog]:
     """A short re-train of the weights at the frozen decision. The thresholds no longer act
@@ -441,11 +448,8 @@ def _refine(net: SuperBitNet, data: Dataset, cfg: TrainConfig, epochs: int,
     clips idle too, which DDP must be told to expect."""
     for p in net.thresholds("w") + net.thresholds("a"):
         p.requires_grad_(False)
-    method = Method(net.weight_params())
-    method.name, method.keep_best, method.amp_safe = "refine", False, False
-    method.find_unused_parameters = True
     logs = fit(net.model, data, dataclasses.replace(cfg, epochs=epochs, lr=cfg.lr * 0.1),
-               method, progress)
+               _Refine(net.weight_params()), progress)
     for log in logs:
         log.extra["phase"] = "refine"
     return logs
