@@ -72,12 +72,9 @@ class Dist:
         sends rank 0's buffers at the start of each forward, so after an epoch's last step
         each rank still holds the statistics of its own last batch: without this, the ranks
         would evaluate (and rank 0 would save) different models."""
-        if not self.active:
-            return
         for b in module.buffers():
             if b.is_floating_point():
-                tdist.all_reduce(b)
-                b.div_(self.world)
+                mean_over_ranks(b)
 
     def barrier(self) -> None:
         if self.active:
