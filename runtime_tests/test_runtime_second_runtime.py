@@ -15,7 +15,7 @@ from abs_deploy.cli.export import export_main, validate
 from abs_deploy.errors import UserError
 from abs_deploy.export import ExportOptions, export_model, openvino_runtime
 from abs_deploy.export.collapse import collapse
-from abs_deploy.export.pipeline import _batches, _prune
+from abs_deploy.export.pipeline import _batches, _Files, _prune
 from abs_deploy.export.validate import check_qcdq, session
 
 needs_openvino = pytest.mark.skipif(not openvino_runtime.available(),
@@ -71,18 +71,18 @@ def test_openvino_check_passes_and_times_all_three_models(checkpoint, tmp_path):
 def test_openvino_check_catches_a_changed_weight(checkpoint, datasets):
     """The same harness fails a file whose integers are not the reference's: every weight code
     of layer1.0.conv1 changes sign."""
-    ckpt, path = checkpoint
+    ckpt, _ = checkpoint
     col = collapse(ckpt)
     pruned = _prune(col)
-    result = export_model(path, ExportOptions(max_images=64, latency=False))
-    model = onnx.load(result.files["onnx"])
+    files = _Files.build(col, pruned, {}, ExportOptions(latency=False))
+    model = files.qcdq
     init = next(t for t in model.graph.initializer if t.name.endswith(".weight_q")
                 and t.name.startswith("layer1.0.conv1"))
     w = -onnx.numpy_helper.to_array(init).astype(np.int16)
     init.CopyFrom(onnx.numpy_helper.from_array(w.clip(-128, 127).astype(np.int8), init.name))
     batches = _batches(datasets("digits32"), 64, 64)
-    _, _, _, others = check_qcdq(model, pruned.reference, col.layers, batches,
-                                 runtimes=("openvino",))
+    others = check_qcdq(model, files.quant, pruned.reference, batches,
+                        runtimes=("openvino",)).others
     assert not others["openvino"].passed
     assert "OpenVINO" in others["openvino"].failure
     assert "layer1.0.conv2" in others["openvino"].failure  # reads layer1.0.conv1's output

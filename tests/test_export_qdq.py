@@ -5,7 +5,7 @@ import torch
 
 from abs_deploy.export import qdq
 from abs_deploy.export.collapse import LayerQuant
-from abs_deploy.export.onnx_graph import GraphBuilder
+from abs_deploy.export.onnx_builder import GraphBuilder
 from abs_deploy.quant import int_range, quantize_int
 
 
@@ -37,11 +37,28 @@ def test_activation_quantizer_is_q_clip_dq_named_after_layer_and_bits():
     assert (inits["block.conv.act_min"], inits["block.conv.act_max"]) == (0, 15)
 
 
+def test_activation_quantizer_reports_the_nodes_and_scale_it_wrote():
+    """Validation reads this record instead of rebuilding node names: it must name what is in
+    the graph and carry the scale as stored."""
+    b = GraphBuilder()
+    b.node("Relu", ["x"], "block.conv.w4a4.act_q")  # a clash: the writer must report its rename
+    aq = qdq.activation(b, "x", _layer(4, 4), torch.tensor(0.1))
+    written = {n.name: n for n in b.nodes}
+    assert aq.quantize != "block.conv.w4a4.act_q"
+    assert written[aq.quantize].op_type == "QuantizeLinear"
+    assert written[aq.clip].op_type == "Clip" and aq.nodes == (aq.quantize, aq.clip)
+    assert written[aq.output].op_type == "DequantizeLinear"
+    scale = {i.name: onnx.numpy_helper.to_array(i) for i in b.initializers}[
+        written[aq.quantize].input[1]]
+    assert aq.scale == float(scale) and not aq.signed
+
+
 @pytest.mark.parametrize("signed", [False, True])
 def test_clip_is_left_out_at_eight_bits(signed):
     b = GraphBuilder()
-    qdq.activation(b, "x", _layer(8, 8, signed), torch.tensor(0.1))
+    aq = qdq.activation(b, "x", _layer(8, 8, signed), torch.tensor(0.1))
     assert [n.op_type for n in b.nodes] == ["QuantizeLinear", "DequantizeLinear"]
+    assert aq.clip is None and aq.nodes == (aq.quantize,) and aq.signed == signed
 
 
 def test_int4_packing_stores_weights_of_four_bits_or_fewer():

@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import torch
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 from torch import nn
 from torch.fx import Node
 
 from abs_deploy import __version__, graph, ops
 from abs_deploy.errors import UserError
 from abs_deploy.export import qdq
+from abs_deploy.export.onnx_builder import GraphBuilder
 
 aten = torch.ops.aten
 TRACE_BATCH = 2
@@ -39,39 +40,6 @@ MIN_OPSET = 13  # per-axis DequantizeLinear
 class Built:
     model: onnx.ModelProto
     quant: dict[str, qdq.ActQuant] = field(default_factory=dict)  # layer -> its quantizer
-
-
-class GraphBuilder:
-    """Collects nodes and initializers under unique names."""
-
-    def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[TensorProto] = []
-        self._names: set[str] = set()
-
-    def unique(self, base: str) -> str:
-        name, i = base, 1
-        while name in self._names:
-            i += 1
-            name = f"{base}_{i}"
-        self._names.add(name)
-        return name
-
-    def initializer(self, name: str, value: np.ndarray | TensorProto) -> str:
-        name = self.unique(name)
-        if isinstance(value, TensorProto):
-            value.name = name
-            self.initializers.append(value)
-        else:
-            self.initializers.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    def node(self, op: str, inputs: list[str], name: str, outputs: int = 1,
-             **attrs: object) -> str:
-        name = self.unique(name)
-        outs = [name if outputs == 1 else f"{name}:{i}" for i in range(outputs)]
-        self.nodes.append(helper.make_node(op, inputs, outs, name=name, **attrs))
-        return outs[0]
 
 
 def capture(model: nn.Module, input_shape: list[int]) -> torch.export.ExportedProgram:

@@ -221,13 +221,12 @@ def _validate(col: Collapsed, pruned: _Pruned, files: _Files, batches: Batches,
               progress: Progress, runtimes: tuple[str, ...] = ()) -> _Checks:
     pruning = check_pruning(col.masked_float, pruned.float, files.fp32, col.layers, batches,
                             progress)
-    ref_acc, off, full, others = check_qcdq(files.qcdq, pruned.reference, col.layers, batches,
-                                            progress, runtimes)
-    failures = [f for f in (pruning.failure, off.failure, full.failure,
-                            *(o.failure for o in others.values())) if f]
+    qcdq = check_qcdq(files.qcdq, files.quant, pruned.reference, batches, progress, runtimes)
+    failures = [f for f in (pruning.failure, *qcdq.failures) if f]
     if failures:
         raise ExportFailed(" | ".join(failures))
-    return _Checks(pruning, ref_acc, off, full, accuracy(col.original, batches), others)
+    return _Checks(pruning, qcdq.reference_accuracy, qcdq.off, qcdq.full,
+                   accuracy(col.original, batches), qcdq.others)
 
 
 def _more_parity(checks: _Checks) -> dict:

@@ -13,7 +13,9 @@ fusion: rounding is monotone, so `round(clamp(x, a, b) / s) = clamp(round(x / s)
 round(b / s))` exactly.
 
 Names: nodes are `<layer>.<tag>.<role>` (`layer1.0.conv1.w4a4.act_q`); the layer's own node is
-`<layer>.<tag>`. Validation and the survival check after onnxsim find the nodes by these names.
+`<layer>.<tag>`, so a reader of the file sees each layer's bits. Validation does not rebuild
+these names: `activation` returns what it wrote (`ActQuant`), and the ONNX builder hands that
+map on to validation and the report.
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ import numpy as np
 import torch
 from onnx import TensorProto, helper
 
+from abs_deploy.export.onnx_builder import GraphBuilder
 from abs_deploy.quant import int_range
 
 if TYPE_CHECKING:
     from abs_deploy.export.collapse import LayerQuant
-    from abs_deploy.export.onnx_graph import GraphBuilder
 
 ROLES = ("act_q", "act_clip", "act_dq", "w_dq", "b_dq")
 INT4_MAX_BITS = 4
@@ -37,12 +39,22 @@ INT4_MAX_BITS = 4
 
 @dataclass(frozen=True)
 class ActQuant:
-    """What the activation quantizer of one layer became in the graph."""
+    """What the activation quantizer of one layer became in the graph: its nodes, the tensors
+    it makes and the values it quantizes with."""
 
+    quantize: str  # the QuantizeLinear node
+    clip: str | None  # the integer Clip node; None when the range is the whole container
     output: str  # the DequantizeLinear output the layer reads
     codes: str  # the integer tensor (Clip output, or QuantizeLinear output without a Clip)
+    scale: float  # the float32 scale as stored
+    signed: bool  # int8 codes (else uint8), zero point 0
     bounds: tuple[int, int]  # the integer range enforced
     folded: str | None  # the float clamp folded into it, e.g. "clamp(0, 6)"
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """QuantizeLinear[, Clip], in graph order: what a copy of the quantizer repeats."""
+        return (self.quantize,) if self.clip is None else (self.quantize, self.clip)
 
 
 def node_name(lq: LayerQuant, role: str | None = None) -> str:
@@ -60,15 +72,17 @@ def activation(b: GraphBuilder, x: str, lq: LayerQuant, a_scale: torch.Tensor,
         folded = f"clamp({_num(clamp[0])}, {_num(clamp[1])})"
     dtype = np.int8 if lq.a_signed else np.uint8
     container = (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
-    scale = b.initializer(f"{lq.name}.act_scale", _f32(a_scale).reshape(()))
+    s = _f32(a_scale).reshape(())
+    scale = b.initializer(f"{lq.name}.act_scale", s)
     zero = b.initializer(f"{lq.name}.act_zero", np.zeros((), dtype))
-    codes = b.node("QuantizeLinear", [x, scale, zero], node_name(lq, "act_q"))
+    quantize = codes = b.node("QuantizeLinear", [x, scale, zero], node_name(lq, "act_q"))
+    clip = None
     if (lo, hi) != container:
         lo_t = b.initializer(f"{lq.name}.act_min", np.array(lo, dtype))
         hi_t = b.initializer(f"{lq.name}.act_max", np.array(hi, dtype))
-        codes = b.node("Clip", [codes, lo_t, hi_t], node_name(lq, "act_clip"))
+        clip = codes = b.node("Clip", [codes, lo_t, hi_t], node_name(lq, "act_clip"))
     out = b.node("DequantizeLinear", [codes, scale, zero], node_name(lq, "act_dq"))
-    return ActQuant(out, codes, (lo, hi), folded)
+    return ActQuant(quantize, clip, out, codes, float(s), bool(lq.a_signed), (lo, hi), folded)
 
 
 def fold_clamp(lo: int, hi: int, a_scale: torch.Tensor, c_min: float | None,

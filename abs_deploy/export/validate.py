@@ -29,7 +29,7 @@ cannot do to a graph output.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -216,37 +216,49 @@ def _run_observing(model: nn.Module, names: Iterable[str], x: Tensor,
 # --- QCDQ against the reference --------------------------------------------------------------
 
 
+@dataclass
+class QcdqParity:
+    """The QCDQ file against its integer reference, in every runtime checked."""
+
+    reference_accuracy: float  # the reference against the labels alone
+    off: ModeParity  # ORT without optimizations
+    full: ModeParity  # ORT with all optimizations
+    others: dict[str, ModeParity]  # runtime -> its parity, by the criteria of `full`
+
+    @property
+    def failures(self) -> list[str]:
+        return [m.failure for m in (self.off, self.full, *self.others.values()) if m.failure]
+
+
 @torch.no_grad()
-def check_qcdq(model: onnx.ModelProto, reference: nn.Module, layers: dict[str, LayerQuant],
-               batches: Batches, progress: Progress = no_progress,
-               runtimes: tuple[str, ...] = ()
-               ) -> tuple[float, ModeParity, ModeParity, dict[str, ModeParity]]:
-    """(reference accuracy, ORT without optimizations, ORT with all optimizations, and each
-    other runtime named in `runtimes`, judged by the criteria of ORT's optimized mode)."""
-    codes = _code_tensors(model, layers)
-    cut = layerwise(model, codes, layers)
-    scales = code_scales(model, layers, codes)
-    plain = {"off": session(model, optimize=False), "all": session(model, optimize=True)}
-    local = {"off": session(cut, optimize=False), "all": session(cut, optimize=True)}
+def check_qcdq(model: onnx.ModelProto, quantizers: Mapping[str, qdq.ActQuant],
+               reference: nn.Module, batches: Batches, progress: Progress = no_progress,
+               runtimes: tuple[str, ...] = ()) -> QcdqParity:
+    """The file in ORT's two modes and in each runtime of `runtimes` against `reference`.
+    `quantizers`: each quantized layer's activation quantizer as the ONNX builder wrote it."""
+    codes = _code_tensors(model, quantizers)
+    cut = layerwise(model, codes, quantizers)
+    whole = {"off": session(model, optimize=False), "all": session(model, optimize=True)}
+    layer_cut = {"off": session(cut, optimize=False), "all": session(cut, optimize=True)}
     for rt in runtimes:
-        plain[rt], local[rt] = runtime_session(model, rt), runtime_session(cut, rt)
-    modes = {m: _ModeStats(m, list(codes)) for m in plain}
-    ref_correct = total = 0   # the reference against the labels alone
+        whole[rt], layer_cut[rt] = runtime_session(model, rt), runtime_session(cut, rt)
+    modes = {m: _ModeStats(m, list(codes)) for m in whole}
+    reference_count = Agreement()
     for x, y in progress(batches, len(batches),
                          "validate in " + " + ".join(["ORT", *(_LABEL[r] for r in runtimes)])):
         ref_logits, ref_codes = _reference(reference, codes, x)
-        ref_correct += (ref_logits.argmax(1) == y).sum().item()
-        total += len(y)
+        reference_count.add(ref_logits.numpy(), ref_logits.numpy(), y.numpy())
         feed = {"input": x.numpy()}
-        local_feed = {**feed, **_fed_values(scales, ref_codes)}
-        for mode in plain:
-            logits = plain[mode].run(None, feed)[0]
-            forced, *got = local[mode].run(None, local_feed)
-            modes[mode].add(logits, forced, ref_logits.numpy(), y.numpy(),
+        cut_feed = {**feed, **_fed_values(quantizers, ref_codes)}
+        for mode in whole:
+            logits = whole[mode].run(None, feed)[0]
+            cut_logits, *got = layer_cut[mode].run(None, cut_feed)
+            modes[mode].add(logits, cut_logits, ref_logits.numpy(), y.numpy(),
                             dict(zip(codes, got, strict=True)), ref_codes)
-    others = {rt: modes[rt].result(total) for rt in runtimes}
-    return (ref_correct / max(total, 1), modes["off"].result(total),
-            modes["all"].result(total), others)
+    total = reference_count.images
+    return QcdqParity(reference_count.accuracy, modes["off"].result(total),
+                      modes["all"].result(total),
+                      {rt: modes[rt].result(total) for rt in runtimes})
 
 
 _LABEL = {"off": "ORT without optimizations", "all": "ORT with all optimizations",
@@ -266,25 +278,22 @@ def runtime_session(model: onnx.ModelProto, runtime: str = "onnxruntime",
     raise UserError(f"unknown runtime {runtime!r}; known: onnxruntime, openvino")
 
 
-def _code_tensors(model: onnx.ModelProto, layers: dict[str, LayerQuant]) -> dict[str, str]:
-    """Layer -> the tensor holding the integer codes it reads, found by node name."""
+def _code_tensors(model: onnx.ModelProto, quantizers: Mapping[str, qdq.ActQuant]
+                  ) -> dict[str, str]:
+    """Layer -> the tensor holding the integer codes it reads in `model`: the output of the
+    last node of its quantizer, which must have survived simplification under its name."""
     out_of = {n.name: n.output[0] for n in model.graph.node}
     codes = {}
-    for name, lq in layers.items():
-        if not lq.a_quantized:
-            continue
-        for role in ("act_clip", "act_q"):
-            node = qdq.node_name(lq, role)
-            if node in out_of:
-                codes[name] = out_of[node]
-                break
-        else:
-            raise ExportFailed(f"no quantizer node found for {name} in the ONNX model")
+    for name, aq in quantizers.items():
+        last = aq.nodes[-1]
+        if last not in out_of:
+            raise ExportFailed(f"the quantizer of {name} ({last}) is not in the ONNX model")
+        codes[name] = out_of[last]
     return codes
 
 
-def layerwise(model: onnx.ModelProto, codes: dict[str, str], layers: dict[str, LayerQuant]
-              ) -> onnx.ModelProto:
+def layerwise(model: onnx.ModelProto, codes: dict[str, str],
+              quantizers: Mapping[str, qdq.ActQuant]) -> onnx.ModelProto:
     """A copy of `model` cut at every quantizer: the codes each layer computes become outputs,
     and each layer reads instead a new float input through a copy of its own quantizer (fed
     the reference's codes times the scale, which that quantizer maps back to the same codes).
@@ -301,22 +310,20 @@ def layerwise(model: onnx.ModelProto, codes: dict[str, str], layers: dict[str, L
     shapes = _shapes(model)
     fed_nodes = []
     for name, tensor in codes.items():
-        lq = layers[name]
+        aq = quantizers[name]
         shape = shapes.get(tensor)
         fed = _fed(name)
+        elem = onnx.TensorProto.INT8 if aq.signed else onnx.TensorProto.UINT8
         cut.graph.input.append(onnx.helper.make_tensor_value_info(
             fed, onnx.TensorProto.FLOAT, shape))
-        cut.graph.output.append(onnx.helper.make_tensor_value_info(tensor, _elem(lq), shape))
+        cut.graph.output.append(onnx.helper.make_tensor_value_info(tensor, elem, shape))
         last = fed
-        for role in ("act_q", "act_clip"):
-            original = node.get(qdq.node_name(lq, role))
-            if original is None:
-                continue
+        for original in (node[n] for n in aq.nodes):
             copy = onnx.NodeProto()
             copy.CopyFrom(original)
             copy.name, copy.input[0] = f"{original.name}.fed", last
             del copy.output[:]
-            copy.output.append(f"{fed}.{role}")
+            copy.output.append(f"{fed}.{original.op_type}")
             fed_nodes.append(copy)
             last = copy.output[0]
         readers[tensor].input[0] = last
@@ -327,25 +334,10 @@ def layerwise(model: onnx.ModelProto, codes: dict[str, str], layers: dict[str, L
     return cut
 
 
-def code_scales(model: onnx.ModelProto, layers: dict[str, LayerQuant], names: Iterable[str]
-                ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Layer -> (scale, zero point) of its activation quantizer, read from the file."""
-    inits = {t.name: t for t in model.graph.initializer}
-    q = {n.name: n for n in model.graph.node if n.op_type == "QuantizeLinear"}
-    out = {}
-    for name in names:
-        node = q[qdq.node_name(layers[name], "act_q")]
-        scale = onnx.numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-        zero = (onnx.numpy_helper.to_array(inits[node.input[2]]).astype(np.int32)
-                if len(node.input) > 2 else np.int32(0))
-        out[name] = (scale, zero)
-    return out
-
-
-def _fed_values(scales: dict[str, tuple[np.ndarray, np.ndarray]],
+def _fed_values(quantizers: Mapping[str, qdq.ActQuant],
                 codes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The float inputs of `layerwise`'s copy that reproduce `codes`: (c - zp) * s."""
-    return {_fed(n): ((c.astype(np.int32) - scales[n][1]) * scales[n][0]).astype(np.float32)
+    """The float inputs of `layerwise`'s copy that reproduce `codes`: c * s (zero point 0)."""
+    return {_fed(n): (c.astype(np.int32) * np.float32(quantizers[n].scale)).astype(np.float32)
             for n, c in codes.items()}
 
 
@@ -365,10 +357,6 @@ def _fed(layer: str) -> str:
     return f"{layer}.codes_in"
 
 
-def _elem(lq: LayerQuant) -> int:
-    return onnx.TensorProto.INT8 if lq.a_signed else onnx.TensorProto.UINT8
-
-
 def _reference(reference: nn.Module, codes: dict[str, str], x: Tensor
                ) -> tuple[Tensor, dict[str, np.ndarray]]:
     return _run_observing(reference, codes, x, lambda module, inputs, output:
@@ -382,10 +370,10 @@ class _ModeStats:
         self.file = Agreement()      # the file as it is, end to end
         self.cut = Agreement()       # the layer-cut model fed the reference's codes
 
-    def add(self, logits: np.ndarray, forced: np.ndarray, ref: np.ndarray, y: np.ndarray,
+    def add(self, logits: np.ndarray, cut_logits: np.ndarray, ref: np.ndarray, y: np.ndarray,
             codes: dict[str, np.ndarray], ref_codes: dict[str, np.ndarray]) -> None:
         self.file.add(logits, ref, y)
-        self.cut.add(forced, ref, y)
+        self.cut.add(cut_logits, ref, y)
         for name, c in self.layers.items():
             d = np.abs(codes[name].astype(np.int32) - ref_codes[name])
             c.count += d.size
