@@ -171,7 +171,10 @@ class _Track:
 
 
 @dataclass
-class _Acc:
+class _GroupFacts:
+    """What the walk has learnt about one union-find set of channels so far (the root's entry
+    holds the set's; `_union` merges them)."""
+
     channels: int
     seq: int
     producers: list[tuple[int, str]] = field(default_factory=list)
@@ -190,7 +193,7 @@ class _Walk:
         sig = ep.graph_signature
         self.tensor_names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
         self.user_inputs = set(sig.user_inputs)
-        self.accs: list[_Acc] = []
+        self.facts: list[_GroupFacts] = []
         self.parent: list[int] = []
         self.state: dict[Node, object] = {}
         self.slots: dict[tuple[str, str], int] = {}  # (module, "in"/"out"/"ch") -> group
@@ -206,11 +209,11 @@ class _Walk:
     # -- results --------------------------------------------------------------------------
 
     def groups(self, allow_shared: bool) -> list[ChannelGroup]:
-        roots = sorted({self._find(i) for i in range(len(self.accs))},
-                       key=lambda r: self.accs[r].seq)
+        roots = sorted({self._find(i) for i in range(len(self.facts))},
+                       key=lambda r: self.facts[r].seq)
         out = []
         for gid, r in enumerate(roots):
-            a = self.accs[r]
+            a = self.facts[r]
             reasons = [s for s in a.reasons if not (allow_shared and s == RESIDUAL)]
             if not a.producers and not reasons:
                 reasons.append("no producing layer")
@@ -232,11 +235,11 @@ class _Walk:
     # -- union-find -----------------------------------------------------------------------
 
     def _new(self, channels: int, reason: str | None = None) -> int:
-        self.accs.append(_Acc(channels, self.seq))
+        self.facts.append(_GroupFacts(channels, self.seq))
         self.parent.append(len(self.parent))
         if reason:
-            self.accs[-1].reasons.append(reason)
-        return len(self.accs) - 1
+            self.facts[-1].reasons.append(reason)
+        return len(self.facts) - 1
 
     def _find(self, g: int) -> int:
         while self.parent[g] != g:
@@ -248,9 +251,9 @@ class _Walk:
         a, b = self._find(a), self._find(b)
         if a == b:
             return a
-        if self.accs[a].seq > self.accs[b].seq:
+        if self.facts[a].seq > self.facts[b].seq:
             a, b = b, a
-        big, small = self.accs[a], self.accs[b]
+        big, small = self.facts[a], self.facts[b]
         if big.channels != small.channels:
             # Shapes were checked before every union; reaching here is a bug, so fail closed.
             self._mark(a, f"channel count mismatch ({big.channels} vs {small.channels})")
@@ -264,7 +267,7 @@ class _Walk:
         return a
 
     def _mark(self, g: int, reason: str) -> None:
-        reasons = self.accs[self._find(g)].reasons
+        reasons = self.facts[self._find(g)].reasons
         if reason not in reasons:
             reasons.append(reason)
 
@@ -277,7 +280,7 @@ class _Walk:
         return g
 
     def _add(self, g: int, role: str, name: str) -> None:
-        getattr(self.accs[self._find(g)], role).append((self.seq, name))
+        getattr(self.facts[self._find(g)], role).append((self.seq, name))
 
     # -- dispatch -------------------------------------------------------------------------
 
@@ -438,7 +441,7 @@ class _Walk:
             if t.dim == x.meta["val"].ndim - 1:
                 g = self._slot(name, "in", t.gid)
                 self._add(g, "consumers", name)
-                self.accs[self._find(g)].spatial[name] = t.hw
+                self.facts[self._find(g)].spatial[name] = t.hw
             else:
                 self._mark(t.gid, f"{name} does not read the channel dim")
         val = node.meta["val"]
