@@ -2,13 +2,15 @@
 random pruning of every prunable group, one group down to a single channel) goes through the
 whole export and passes both ONNX Runtime validation modes; plus the edge cases."""
 
+import math
+
 import onnx
 import pytest
 from onnx import numpy_helper
 from rt_checkpoints import random_checkpoint
 
 from abs_deploy.checkpoint import save_checkpoint
-from abs_deploy.export import ExportOptions, export_model
+from abs_deploy.export import ExportOptions, export_model, openvino_runtime
 
 IMAGES = 32  # validation images per export: tiny inputs keep `make test` fast
 
@@ -75,10 +77,16 @@ def test_finetuned_checkpoint_with_folded_bn_passes(datasets, tmp_path):
     assert all(p["passed"] for p in result.report["parity"].values())
 
 
-def test_int4_weights_load_and_pass(datasets, tmp_path):
+def test_int4_weights_are_packed_load_and_pass(datasets, tmp_path):
+    """Packed two to a byte in raw_data, and validated in ORT (and OpenVINO where installed)
+    under the same criteria as int8 weights."""
     ckpt = random_checkpoint("digits_cnn", datasets("digits"), seed=4, bits=(2, 4))
-    result = _export(ckpt, tmp_path, weights="int4")
+    runtimes = ("openvino",) if openvino_runtime.available() else ()
+    result = _export(ckpt, tmp_path, weights="int4", check_runtimes=runtimes)
     model = onnx.load(result.files["onnx"])
-    types = {i.data_type for i in model.graph.initializer if i.name.endswith(".weight_q")}
-    assert types == {onnx.TensorProto.INT4}
+    weights = [i for i in model.graph.initializer if i.name.endswith(".weight_q")]
+    assert {i.data_type for i in weights} == {onnx.TensorProto.INT4}
+    for w in weights:
+        assert len(w.raw_data) == (math.prod(w.dims) + 1) // 2 and not w.int32_data, w.name
+    assert set(runtimes) <= set(result.report["parity"])
     assert all(p["passed"] for p in result.report["parity"].values())

@@ -68,6 +68,8 @@ def test_int4_packing_stores_weights_of_four_bits_or_fewer():
     w = next(i for i in b.initializers if i.name == "block.conv.weight_q")
     assert w.data_type == onnx.TensorProto.INT4
     assert onnx.numpy_helper.to_array(w).astype(int).tolist() == codes.int().tolist()
+    # Two codes a byte, low nibble first: -8 -> 0x8, 7 -> 0x7, ... and nothing in int32_data.
+    assert w.raw_data == bytes([0x78, 0x10, 0x3F]) and not w.int32_data
     b8 = GraphBuilder()
     qdq.weight(b8, _layer(8, 4), codes * 10, torch.tensor([0.1, 0.2]), packing="int4")
     assert next(i for i in b8.initializers if i.name == "block.conv.weight_q").data_type == \

@@ -23,9 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import ml_dtypes
 import numpy as np
 import torch
-from onnx import TensorProto, helper
 
 from abs_deploy.export.onnx_builder import GraphBuilder
 from abs_deploy.quant import int_range
@@ -108,14 +108,12 @@ def weight(b: GraphBuilder, lq: LayerQuant, codes: torch.Tensor, w_scale: torch.
     if q.min() < lo or q.max() > hi:
         raise ValueError(f"{lq.name}: weight codes outside the {lq.w_store_bits}-bit range")
     n = q.shape[0]
-    if packing == "int4" and lq.w_store_bits <= INT4_MAX_BITS:
-        w = b.initializer(f"{lq.name}.weight_q", helper.make_tensor(
-            f"{lq.name}.weight_q", TensorProto.INT4, q.shape, q.flatten().tolist()))
-        zero = b.initializer(f"{lq.name}.weight_zero", helper.make_tensor(
-            f"{lq.name}.weight_zero", TensorProto.INT4, [n], [0] * n))
-    else:
-        w = b.initializer(f"{lq.name}.weight_q", q.astype(np.int8))
-        zero = b.initializer(f"{lq.name}.weight_zero", np.zeros(n, np.int8))
+    # ml_dtypes' int4 makes numpy_helper pack two codes to a byte in raw_data (low nibble
+    # first, as ONNX specifies); helper.make_tensor would write one varint per code instead.
+    dtype = ml_dtypes.int4 if packing == "int4" and lq.w_store_bits <= INT4_MAX_BITS \
+        else np.int8
+    w = b.initializer(f"{lq.name}.weight_q", q.astype(dtype))
+    zero = b.initializer(f"{lq.name}.weight_zero", np.zeros(n, dtype))
     scale = b.initializer(f"{lq.name}.weight_scale", _f32(w_scale))
     return b.node("DequantizeLinear", [w, scale, zero], node_name(lq, "w_dq"), axis=0)
 
