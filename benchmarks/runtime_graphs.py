@@ -70,8 +70,8 @@ def source_counts(model: onnx.ModelProto) -> dict:
 
 
 def ort_graph(path: Path, folder: Path) -> dict:
-    """ORT's optimized model: node types, and DequantizeLinear nodes fed by an initializer of
-    more than one element (a weight dequantized at run time)."""
+    """ORT's optimized model: node types, and the DequantizeLinear nodes that read an 8- or
+    4-bit initializer (a weight dequantized at run time; int32 biases are not counted)."""
     optimized = folder / (path.stem + ".ort_optimized.onnx")
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -80,9 +80,10 @@ def ort_graph(path: Path, folder: Path) -> dict:
     so.log_severity_level = 3
     ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     m = onnx.load(optimized)
-    sizes = {i.name: int(np.prod(i.dims)) for i in m.graph.initializer}
+    small = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4}
+    weights = {i.name for i in m.graph.initializer if i.data_type in small and len(i.dims) > 1}
     weight_dq = [n.name for n in m.graph.node if n.op_type == "DequantizeLinear"
-                 and sizes.get(n.input[0], 0) > 1]
+                 and n.input[0] in weights]
     types = collections.Counter(n.op_type for n in m.graph.node)
     return {"node_types": dict(types.most_common()), "weight_dequantize": weight_dq}
 
