@@ -21,9 +21,8 @@ each layer reads the reference's codes (through a copy of its own quantizer, so 
 fuses it as in the file) and each quantizer's output is a graph output. Accuracy and top-1
 agreement come from the file as it is, run end to end (its end-to-end logit error is recorded
 as `end_to_end_logits_rel` and shown in every report view, with no limit). A miss names the
-first layer, in execution order, whose codes diverge. The cut copy fuses like the file except
-where a graph output pins a type: ORT on x64 turns int8 activations into uint8 + 128, which it
-cannot do to a graph output.
+first layer, in execution order, whose codes diverge. Codes are compared as the reference's:
+the file stores signed ones offset by their zero point (qdq.zero_point).
 """
 
 from __future__ import annotations
@@ -243,7 +242,8 @@ def check_qcdq(model: onnx.ModelProto, reference: nn.Module, layers: dict[str, L
             logits = plain[mode].run(None, feed)[0]
             forced, *got = local[mode].run(None, local_feed)
             modes[mode].add(logits, forced, ref_logits.numpy(), y.numpy(),
-                            dict(zip(codes, got, strict=True)), ref_codes)
+                            _as_reference(scales, dict(zip(codes, got, strict=True))),
+                            ref_codes)
     others = {rt: modes[rt].result(total) for rt in runtimes}
     return (ref_correct / max(total, 1), modes["off"].result(total),
             modes["all"].result(total), others)
@@ -299,6 +299,7 @@ def layerwise(model: onnx.ModelProto, codes: dict[str, str], layers: dict[str, L
     readers = {i: n for n in cut.graph.node if n.op_type == "DequantizeLinear"
                for i in n.input[:1]}
     shapes = _shapes(model)
+    quant = code_scales(model, layers, codes)  # the zero point's type is the codes'
     fed_nodes = []
     for name, tensor in codes.items():
         lq = layers[name]
@@ -306,7 +307,8 @@ def layerwise(model: onnx.ModelProto, codes: dict[str, str], layers: dict[str, L
         fed = _fed(name)
         cut.graph.input.append(onnx.helper.make_tensor_value_info(
             fed, onnx.TensorProto.FLOAT, shape))
-        cut.graph.output.append(onnx.helper.make_tensor_value_info(tensor, _elem(lq), shape))
+        cut.graph.output.append(onnx.helper.make_tensor_value_info(
+            tensor, onnx.helper.np_dtype_to_tensor_dtype(quant[name][1].dtype), shape))
         last = fed
         for role in ("act_q", "act_clip"):
             original = node.get(qdq.node_name(lq, role))
@@ -329,24 +331,33 @@ def layerwise(model: onnx.ModelProto, codes: dict[str, str], layers: dict[str, L
 
 def code_scales(model: onnx.ModelProto, layers: dict[str, LayerQuant], names: Iterable[str]
                 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Layer -> (scale, zero point) of its activation quantizer, read from the file."""
+    """Layer -> (scale, zero point) of its activation quantizer, read from the file (the zero
+    point in its own type, that of the codes)."""
     inits = {t.name: t for t in model.graph.initializer}
     q = {n.name: n for n in model.graph.node if n.op_type == "QuantizeLinear"}
     out = {}
     for name in names:
         node = q[qdq.node_name(layers[name], "act_q")]
         scale = onnx.numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
-        zero = (onnx.numpy_helper.to_array(inits[node.input[2]]).astype(np.int32)
-                if len(node.input) > 2 else np.int32(0))
+        zero = (onnx.numpy_helper.to_array(inits[node.input[2]]) if len(node.input) > 2
+                else np.uint8(0))
         out[name] = (scale, zero)
     return out
 
 
 def _fed_values(scales: dict[str, tuple[np.ndarray, np.ndarray]],
                 codes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The float inputs of `layerwise`'s copy that reproduce `codes`: (c - zp) * s."""
-    return {_fed(n): ((c.astype(np.int32) - scales[n][1]) * scales[n][0]).astype(np.float32)
+    """The float inputs of `layerwise`'s copy that reproduce the reference's `codes`: c * s,
+    which its DequantizeLinear computes as (c + zp - zp) * s from the file's codes c + zp."""
+    return {_fed(n): (c.astype(np.float32) * scales[n][0]).astype(np.float32)
             for n, c in codes.items()}
+
+
+def _as_reference(scales: dict[str, tuple[np.ndarray, np.ndarray]],
+                  codes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The file's codes as the reference's: minus the zero point (signed codes are stored
+    offset, see qdq.zero_point)."""
+    return {n: c.astype(np.int32) - np.int32(scales[n][1]) for n, c in codes.items()}
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list[str | int] | None]:
@@ -363,10 +374,6 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list[str | int] | None]:
 
 def _fed(layer: str) -> str:
     return f"{layer}.codes_in"
-
-
-def _elem(lq: LayerQuant) -> int:
-    return onnx.TensorProto.INT8 if lq.a_signed else onnx.TensorProto.UINT8
 
 
 def _reference(reference: nn.Module, codes: dict[str, str], x: Tensor
