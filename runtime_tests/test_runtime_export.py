@@ -70,13 +70,15 @@ def test_every_quantized_layer_has_its_bits_in_names_and_clip_bounds(exported):
         assert tag in nodes
         clip = nodes.get(f"{tag}.act_clip")
         lo, hi = int_range(d["a_bits"], d["a_signed"])
+        # Signed codes are stored as uint8 offset by 2^(b-1) (qdq.zero_point).
+        zp = 2 ** (d["a_bits"] - 1) if d["a_signed"] else 0
         if d["a_bits"] == 8:
             assert clip is None
         else:
-            assert (int(inits[clip.input[1]]), int(inits[clip.input[2]])) == (lo, hi)
+            assert (int(inits[clip.input[1]]), int(inits[clip.input[2]])) == (lo + zp, hi + zp)
         q = nodes[f"{tag}.act_q"]
         zero = inits[q.input[2]]
-        assert zero.dtype == (np.int8 if d["a_signed"] else np.uint8) and zero == 0
+        assert zero.dtype == np.uint8 and zero == zp
 
 
 def test_no_float_clip_sits_between_a_layer_and_its_quantizer(exported):

@@ -64,11 +64,15 @@ def test_an_fpn_level_exports_through_nearest_upsampling(datasets, tmp_path):
     assert len(resizes) == 1 and {a.name: a.s for a in resizes[0].attribute}["mode"] == b"nearest"
 
 
-@pytest.mark.xfail(strict=True, reason="OpenVINO's input codes of down.0 differ by up to 48 "
-                   "on this random decision; the same model without the upsample (down at "
-                   "stride 1, no Resize) fails the same way, so the cause is elsewhere (open)")
 def test_an_fpn_level_passes_in_openvino(datasets, tmp_path):
+    """This decision's stem reads signed 2-bit codes: written as int8 behind a Clip, OpenVINO ran
+    the stem conv with halved weights on CPUs without VNNI (down.0's codes 48 apart). Stored as
+    uint8 with a zero point (qdq.zero_point) it passes like ORT."""
     pytest.importorskip("openvino")
     ckpt = random_checkpoint("general_nets:fpn_level", datasets("digits32"), seed=7)
     path = save_checkpoint(ckpt, tmp_path / "model.pt")
-    export_model(path, ExportOptions(latency=False, max_images=32, check_runtimes=("openvino",)))
+    result = export_model(path, ExportOptions(latency=False, max_images=32,
+                                              check_runtimes=("openvino",)))
+    parity = result.report["parity"]
+    assert {"ort_unoptimized", "ort_optimized", "openvino"} <= set(parity), parity
+    assert all(p["passed"] for p in parity.values())

@@ -7,14 +7,16 @@ import json
 import numpy as np
 import onnx
 import pytest
+import torch
 from click.testing import CliRunner
 from rt_checkpoints import random_checkpoint
 
 from abs_deploy.checkpoint import save_checkpoint
 from abs_deploy.cli.export import export_main, validate
 from abs_deploy.errors import UserError
-from abs_deploy.export import ExportOptions, export_model, openvino_runtime
-from abs_deploy.export.collapse import collapse
+from abs_deploy.export import ExportOptions, export_model, openvino_runtime, qdq
+from abs_deploy.export.collapse import LayerQuant, collapse
+from abs_deploy.export.onnx_builder import GraphBuilder
 from abs_deploy.export.pipeline import _batches, _Files, _prune
 from abs_deploy.export.validate import check_qcdq, session
 
@@ -86,6 +88,29 @@ def test_openvino_check_catches_a_changed_weight(checkpoint, datasets):
     assert not others["openvino"].passed
     assert "OpenVINO" in others["openvino"].failure
     assert "layer1.0.conv2" in others["openvino"].failure  # reads layer1.0.conv1's output
+
+
+@needs_openvino
+@pytest.mark.parametrize("bits", [2, 4])
+def test_openvino_runs_a_conv_on_signed_codes_exactly(bits):
+    """A 3x3 conv reading signed b-bit codes, odd weights included, as the export writes it:
+    OpenVINO gives unoptimized ORT's result. Written as int8 behind a Clip, its CPU plugin ran
+    it with every weight halved and rounded on CPUs without VNNI (see qdq.zero_point)."""
+    torch.manual_seed(0)
+    lq = LayerQuant("conv", "conv", 4, bits, True, tuple(range(8)), 8, None, 4)
+    b = GraphBuilder()
+    act = qdq.activation(b, "input", lq, torch.tensor(0.5))
+    w = qdq.weight(b, lq, torch.randint(-8, 8, (8, 4, 3, 3)).float(), torch.full((8,), 0.1))
+    b.node("Conv", [act.output, w], "conv", pads=[1, 1, 1, 1])
+    vi = onnx.helper.make_tensor_value_info
+    graph = onnx.helper.make_graph(b.nodes, "g", [vi("input", onnx.TensorProto.FLOAT,
+                                                     [2, 4, 8, 8])],
+                                   [vi("conv", onnx.TensorProto.FLOAT, None)], b.initializers)
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
+    x = np.random.default_rng(0).uniform(-3, 3, (2, 4, 8, 8)).astype(np.float32)
+    want = session(model, optimize=False).run(None, {"input": x})[0]
+    got = openvino_runtime.OVSession(model).run(None, {"input": x})[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 @needs_openvino

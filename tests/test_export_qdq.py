@@ -50,7 +50,24 @@ def test_activation_quantizer_reports_the_nodes_and_scale_it_wrote():
     assert written[aq.output].op_type == "DequantizeLinear"
     scale = {i.name: onnx.numpy_helper.to_array(i) for i in b.initializers}[
         written[aq.quantize].input[1]]
-    assert aq.scale == float(scale) and not aq.signed
+    assert aq.scale == float(scale) and aq.zero == 0
+
+
+@pytest.mark.parametrize("bits,clamp,bounds", [(2, (None, None), (-2, 1)),
+                                               (4, (None, None), (-8, 7)),
+                                               (4, (0.0, None), (0, 7))])
+def test_signed_codes_are_uint8_offset_by_half_the_range(bits, clamp, bounds):
+    """Signed codes are stored as uint8 + 2^(b-1) (OpenVINO's CPU plugin runs int8 codes behind a
+    Clip with weights halved on CPUs without VNNI): the file's Clip is the reference's range
+    moved by the zero point, and `bounds` stays in the reference's codes."""
+    b = GraphBuilder()
+    aq = qdq.activation(b, "x", _layer(4, bits, True), torch.tensor(0.1), clamp)
+    inits = {i.name: onnx.numpy_helper.to_array(i) for i in b.initializers}
+    zp = 2 ** (bits - 1)
+    assert aq.bounds == bounds and aq.zero == zp
+    assert inits["block.conv.act_zero"].dtype == np.uint8 and inits["block.conv.act_zero"] == zp
+    assert (inits["block.conv.act_min"], inits["block.conv.act_max"]) == \
+        (bounds[0] + zp, bounds[1] + zp)
 
 
 @pytest.mark.parametrize("signed", [False, True])
@@ -58,7 +75,7 @@ def test_clip_is_left_out_at_eight_bits(signed):
     b = GraphBuilder()
     aq = qdq.activation(b, "x", _layer(8, 8, signed), torch.tensor(0.1))
     assert [n.op_type for n in b.nodes] == ["QuantizeLinear", "DequantizeLinear"]
-    assert aq.clip is None and aq.nodes == (aq.quantize,) and aq.signed == signed
+    assert aq.clip is None and aq.nodes == (aq.quantize,) and aq.zero == (128 if signed else 0)
 
 
 def test_int4_packing_stores_weights_of_four_bits_or_fewer():

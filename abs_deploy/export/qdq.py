@@ -2,8 +2,10 @@
 
 - Weights: an int8 initializer whose values already lie in the b-bit range (or a packed INT4
   one with `--weights int4` when b <= 4), then one per-channel DequantizeLinear (axis 0).
-- Activations: QuantizeLinear (uint8 or int8, zero point 0) -> integer Clip to the b-bit range
-  -> DequantizeLinear. The Clip is left out when the range is the whole container (8 bits).
+- Activations: QuantizeLinear (uint8) -> integer Clip to the b-bit range -> DequantizeLinear.
+  The Clip is left out when the range is the whole container (8 bits). Unsigned codes have
+  zero point 0; signed ones are stored offset by 2^(b-1), zero point 2^(b-1) (see
+  `zero_point`): the same values, the reference's codes plus the zero point.
 - Bias of a layer with both tensors quantized: int32 at scale `s_x * s_w`, through a
   DequantizeLinear, the form ONNX Runtime fuses into QLinearConv / QGemm.
 
@@ -34,6 +36,7 @@ if TYPE_CHECKING:
     from abs_deploy.export.collapse import LayerQuant
 
 ROLES = ("act_q", "act_clip", "act_dq", "w_dq", "b_dq")
+CODES = np.uint8  # every activation's codes, signed ones offset (see `zero_point`)
 INT4_MAX_BITS = 4
 
 
@@ -47,8 +50,8 @@ class ActQuant:
     output: str  # the DequantizeLinear output the layer reads
     codes: str  # the integer tensor (Clip output, or QuantizeLinear output without a Clip)
     scale: float  # the float32 scale as stored
-    signed: bool  # int8 codes (else uint8), zero point 0
-    bounds: tuple[int, int]  # the integer range enforced
+    zero: int  # the zero point: the file's codes (uint8) are the reference's plus this
+    bounds: tuple[int, int]  # the range enforced, in the reference's codes
     folded: str | None  # the float clamp folded into it, e.g. "clamp(0, 6)"
 
     @property
@@ -62,6 +65,20 @@ def node_name(lq: LayerQuant, role: str | None = None) -> str:
     return base if role is None else f"{base}.{role}"
 
 
+def zero_point(a_bits: int, signed: bool) -> int:
+    """The zero point of a layer's activation codes in the file (uint8).
+
+    Signed codes are stored offset by 2^(b-1), not as int8: OpenVINO's CPU plugin runs a Conv
+    reading int8 codes through an integer Clip with a signed-input kernel, and on CPUs without
+    VNNI oneDNN halves (rounds) every weight of that kernel to avoid int16 overflow, so odd
+    weights come out wrong (measured: the result is exactly the conv with round(w / 2) * 2).
+    uint8 codes with a zero point take its unsigned kernels, exact everywhere. Without a Clip
+    (8 bits) its low-precision transformations shifted int8 to uint8 + 128 themselves, as ORT
+    does on x64 (QDQS8ToU8Transformer): the stored form is what both runtimes ran already.
+    """
+    return 2 ** (a_bits - 1) if signed else 0
+
+
 def activation(b: GraphBuilder, x: str, lq: LayerQuant, a_scale: torch.Tensor,
                clamp: tuple[float | None, float | None] = (None, None)) -> ActQuant:
     """QuantizeLinear -> [Clip] -> DequantizeLinear in front of layer `lq`, reading `x`."""
@@ -70,19 +87,18 @@ def activation(b: GraphBuilder, x: str, lq: LayerQuant, a_scale: torch.Tensor,
     if clamp != (None, None):
         lo, hi = fold_clamp(lo, hi, a_scale, *clamp)
         folded = f"clamp({_num(clamp[0])}, {_num(clamp[1])})"
-    dtype = np.int8 if lq.a_signed else np.uint8
-    container = (int(np.iinfo(dtype).min), int(np.iinfo(dtype).max))
+    zp = zero_point(lq.a_bits, lq.a_signed)
     s = _f32(a_scale).reshape(())
     scale = b.initializer(f"{lq.name}.act_scale", s)
-    zero = b.initializer(f"{lq.name}.act_zero", np.zeros((), dtype))
+    zero = b.initializer(f"{lq.name}.act_zero", np.array(zp, CODES))
     quantize = codes = b.node("QuantizeLinear", [x, scale, zero], node_name(lq, "act_q"))
     clip = None
-    if (lo, hi) != container:
-        lo_t = b.initializer(f"{lq.name}.act_min", np.array(lo, dtype))
-        hi_t = b.initializer(f"{lq.name}.act_max", np.array(hi, dtype))
+    if (lo + zp, hi + zp) != (0, 255):
+        lo_t = b.initializer(f"{lq.name}.act_min", np.array(lo + zp, CODES))
+        hi_t = b.initializer(f"{lq.name}.act_max", np.array(hi + zp, CODES))
         clip = codes = b.node("Clip", [codes, lo_t, hi_t], node_name(lq, "act_clip"))
     out = b.node("DequantizeLinear", [codes, scale, zero], node_name(lq, "act_dq"))
-    return ActQuant(quantize, clip, out, codes, float(s), bool(lq.a_signed), (lo, hi), folded)
+    return ActQuant(quantize, clip, out, codes, float(s), zp, (lo, hi), folded)
 
 
 def fold_clamp(lo: int, hi: int, a_scale: torch.Tensor, c_min: float | None,

@@ -21,9 +21,8 @@ each layer reads the reference's codes (through a copy of its own quantizer, so 
 fuses it as in the file) and each quantizer's output is a graph output. Accuracy and top-1
 agreement come from the file as it is, run end to end (its end-to-end logit error is recorded
 as `end_to_end_logits_rel` and shown in every report view, with no limit). A miss names the
-first layer, in execution order, whose codes diverge. The cut copy fuses like the file except
-where a graph output pins a type: ORT on x64 turns int8 activations into uint8 + 128, which it
-cannot do to a graph output.
+first layer, in execution order, whose codes diverge. Codes are compared as the reference's:
+the file stores signed ones offset by their zero point (qdq.zero_point).
 """
 
 from __future__ import annotations
@@ -254,7 +253,8 @@ def check_qcdq(model: onnx.ModelProto, quantizers: Mapping[str, qdq.ActQuant],
             logits = whole[mode].run(None, feed)[0]
             cut_logits, *got = layer_cut[mode].run(None, cut_feed)
             modes[mode].add(logits, cut_logits, ref_logits.numpy(), y.numpy(),
-                            dict(zip(codes, got, strict=True)), ref_codes)
+                            _as_reference(quantizers, dict(zip(codes, got, strict=True))),
+                            ref_codes)
     total = reference_count.images
     return QcdqParity(reference_count.accuracy, modes["off"].result(total),
                       modes["all"].result(total),
@@ -313,7 +313,7 @@ def layerwise(model: onnx.ModelProto, codes: dict[str, str],
         aq = quantizers[name]
         shape = shapes.get(tensor)
         fed = _fed(name)
-        elem = onnx.TensorProto.INT8 if aq.signed else onnx.TensorProto.UINT8
+        elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(qdq.CODES))
         cut.graph.input.append(onnx.helper.make_tensor_value_info(
             fed, onnx.TensorProto.FLOAT, shape))
         cut.graph.output.append(onnx.helper.make_tensor_value_info(tensor, elem, shape))
@@ -336,9 +336,17 @@ def layerwise(model: onnx.ModelProto, codes: dict[str, str],
 
 def _fed_values(quantizers: Mapping[str, qdq.ActQuant],
                 codes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The float inputs of `layerwise`'s copy that reproduce `codes`: c * s (zero point 0)."""
-    return {_fed(n): (c.astype(np.int32) * np.float32(quantizers[n].scale)).astype(np.float32)
+    """The float inputs of `layerwise`'s copy that reproduce the reference's `codes`: c * s,
+    which its DequantizeLinear computes as (c + zp - zp) * s from the file's codes c + zp."""
+    return {_fed(n): (c.astype(np.float32) * np.float32(quantizers[n].scale)).astype(np.float32)
             for n, c in codes.items()}
+
+
+def _as_reference(quantizers: Mapping[str, qdq.ActQuant],
+                  codes: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The file's codes as the reference's: minus the zero point (signed codes are stored
+    offset, see qdq.zero_point)."""
+    return {n: c.astype(np.int32) - np.int32(quantizers[n].zero) for n, c in codes.items()}
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list[str | int] | None]:
