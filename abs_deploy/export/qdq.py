@@ -35,7 +35,6 @@ from abs_deploy.quant import int_range
 if TYPE_CHECKING:
     from abs_deploy.export.collapse import LayerQuant
 
-ROLES = ("act_q", "act_clip", "act_dq", "w_dq", "b_dq")
 CODES = np.uint8  # every activation's codes, signed ones offset (see `zero_point`)
 INT4_MAX_BITS = 4
 
