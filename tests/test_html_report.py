@@ -20,8 +20,9 @@ from click.testing import CliRunner
 from abs_deploy import bops, files
 from abs_deploy.cli import main
 from abs_deploy.export import report
-from abs_deploy.export.html_report import FLOAT_BITS, render
+from abs_deploy.export.html_report import render
 from abs_deploy.export.latency import Timing
+from abs_deploy.export.report_format import FLOAT_BITS
 from abs_deploy.models.registry import arch_record, build_model
 from abs_deploy.train import EpochLog
 

@@ -24,9 +24,18 @@ from abs_deploy import bops
 from abs_deploy.errors import UserError
 from abs_deploy.export import html_report
 from abs_deploy.export.collapse import FLOAT_BITS, LayerQuant
-from abs_deploy.export.html_report import MODEL_LABELS, count, pct
 from abs_deploy.export.latency import Timing, headline_setting, speedups
 from abs_deploy.export.qdq import ActQuant
+from abs_deploy.export.report_format import (
+    PARITY_TERMS,
+    count,
+    model_label,
+    models_of,
+    parity_sentences,
+    pct,
+    runtimes,
+    totals_labels,
+)
 from abs_deploy.export.validate import ModeParity, PruneParity
 from abs_deploy.files import check_output, discard, reason, remove_stale, temp_path
 
@@ -236,10 +245,7 @@ def markdown(r: dict) -> str:
              f"{_md(opts['weights'])}.", "",
              "## Totals", "",
              "| | FP original | exported | ratio |", "|---|---:|---:|---:|"]
-    file_label = "file bytes (FP: its float32 parameters)" if t.get("fp_file_estimated") \
-        else "file bytes"
-    for key, label in (("bops", "BOPs"), ("macs", "MACs"), ("params", "parameters"),
-                       ("weight_bytes", "layer weight bytes"), ("file_bytes", file_label)):
+    for key, label in totals_labels(t):
         ratio = t["ratios"][key]
         lines.append(f"| {label} | {count(t['fp'][key])} | {count(t['exported'][key])} | "
                      f"{ratio:.2f}x |")
@@ -249,13 +255,12 @@ def markdown(r: dict) -> str:
               f"| {pct(acc['fp_original'])} ({_md(acc['fp_source'])}) | "
               f"{pct(acc['float_weights'])} | {pct(acc['reference'])} | {pct(acc['ort'])} | "
               f"{pct(acc['ort_unoptimized'])} |", "", "## Parity", ""]
-    lines += [f"- {_md(s)}" for s in html_report.parity_sentences(par)]
-    lines += ["", _md(html_report.PARITY_TERMS), ""]
+    lines += [f"- {_md(s)}" for s in parity_sentences(par)]
+    lines += ["", _md(PARITY_TERMS), ""]
     lat = r.get("latency")
     if lat:
-        models = list(dict.fromkeys(row["model"] for row in lat["rows"]))
-        where = ("ONNX Runtime and OpenVINO" if any(m.endswith("_openvino") for m in models)
-                 else "ONNX Runtime")
+        models = models_of(lat["rows"])
+        where = runtimes(models)
         warm = f"{_md(lat['warmup'])} warm-up runs" if lat.get("warmup") else "warm-up"
         lines += [f"## Latency in {where}", "", f"CPU: {_md(lat['cpu'])}. Median / p90 in ms "
                   f"over {_md(lat['rows'][0]['runs'])} runs after {warm}; within a setting "
@@ -303,7 +308,7 @@ def _md(value: object) -> str:
 
 
 def _label(model: object) -> str:
-    return _md(MODEL_LABELS.get(model, model) if isinstance(model, str) else model)
+    return _md(model_label(model))
 
 
 def plot(rows: list[dict], path: Path) -> None:
