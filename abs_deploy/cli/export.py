@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import onnx
@@ -20,6 +21,9 @@ from abs_deploy.cli.common import (
 )
 from abs_deploy.data import DATASETS
 from abs_deploy.export.report_format import model_label, models_of, pct, runtimes
+
+if TYPE_CHECKING:
+    from abs_deploy.export.pipeline import ExportResult
 
 
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,25 +84,36 @@ def _announce(step: str) -> None:
         click.echo(f"  {step} ...", err=True)
 
 
-def print_summary(result) -> None:
+def print_summary(result: ExportResult) -> None:
     """One screen: files, BOPs and size ratios, accuracy, parity, latency, the fastest file."""
     r = result.report
-    t, acc, par = r["totals"], r["accuracy"], r["parity"]
-    folder = result.files["onnx"].parent
     click.echo(f"exported {r['arch']} ({r['stage']}, {r['method']}) in {result.seconds:.1f} s "
-               f"-> {folder}/")
+               f"-> {result.files['onnx'].parent}/")
     click.echo("  files   " + ", ".join(
         f"{p.name} ({_size(p.stat().st_size)})" if p.suffix in (".onnx", ".ort") else p.name
         for p in result.files.values()))
+    _print_totals(r["totals"])
+    _print_accuracy(r["accuracy"], r["dataset"])
+    _print_parity(r["parity"])
+    _print_latency(r.get("latency"))
+
+
+def _print_totals(t: dict) -> None:
     ratio = t["ratios"]
     versus = " (vs its float32 weights)" if t.get("fp_file_estimated") else ""
     click.echo(f"  BOPs    {fmt_count(t['fp']['bops'])} -> {fmt_count(t['exported']['bops'])}"
                f"  ({ratio['bops']:.1f}x fewer)   MACs {ratio['macs']:.2f}x   "
                f"params {ratio['params']:.2f}x   file {ratio['file_bytes']:.1f}x smaller{versus}")
+
+
+def _print_accuracy(acc: dict, dataset: str) -> None:
     source = "" if acc["fp_source"] == "float weights" else f" ({acc['fp_source']})"
     click.echo(f"  top-1   FP original {pct(acc['fp_original'])}{source}   reference "
                f"{pct(acc['reference'])}   ORT {pct(acc['ort'])}   ORT no-opt "
-               f"{pct(acc['ort_unoptimized'])}   ({acc['images']} images of {r['dataset']})")
+               f"{pct(acc['ort_unoptimized'])}   ({acc['images']} images of {dataset})")
+
+
+def _print_parity(par: dict) -> None:
     p, off, full = par["pruning"], par["ort_unoptimized"], par["ort_optimized"]
     click.echo(f"  parity  pruned = masked to {max(p['logits_rel'], p['onnx_logits_rel']):.0e}"
                f"  |  ORT no-opt logits: last segment {off['logits_rel']:.0e}, end to end "
@@ -116,7 +131,10 @@ def print_summary(result) -> None:
                    f"{pct(mobile['top1_agreement'])}, logits vs .onnx "
                    f"{mobile['onnx_logits_rel']:.0e}")
     click.echo("          all checks passed")
-    lat = r.get("latency")
+
+
+def _print_latency(lat: dict | None) -> None:
+    """A table of models by setting (batch, threads), then the headline setting's speeds."""
     if not lat:
         click.echo("  latency skipped")
         return
