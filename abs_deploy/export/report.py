@@ -31,6 +31,8 @@ from abs_deploy.export.validate import ModeParity, PruneParity
 from abs_deploy.files import check_output, discard, reason, remove_stale, temp_path
 
 FORMAT = "abs-deploy-report/1"
+# The files `write` puts in its folder, by the key `write` returns each under.
+FILES = {key: f"report.{key}" for key in ("json", "md", "png", "html")}
 # What `load` insists on before it renders a file: enough to tell our report from any JSON.
 _REQUIRED = ("checkpoint", "stage", "method", "arch", "dataset", "layers", "totals", "accuracy",
              "parity")
@@ -122,7 +124,7 @@ def history_section(history: object) -> list[dict]:
 
 def write(report: dict, folder: Path) -> dict[str, Path]:
     """report.json, report.md, report.png and report.html in `folder`; returns their paths."""
-    path = folder / "report.json"
+    path = folder / FILES["json"]
     text = json.dumps(report, indent=1, default=_jsonable) + "\n"
     views = _views(report, folder)
     _write_all({path: lambda tmp: tmp.write_text(text, encoding="utf-8"), **views})
@@ -160,7 +162,7 @@ def rebuild(path: str | os.PathLike) -> dict[str, Path]:
     it alone; the JSON itself is left as it is. Returns the paths written."""
     json_path = _json_path(Path(path))
     for view in ("md", "png", "html"):
-        check_output(json_path.with_name(f"report.{view}"), [json_path])
+        check_output(json_path.with_name(FILES[view]), [json_path])
     rep = load(json_path)
     try:
         views = _views(rep, json_path.parent)
@@ -175,9 +177,9 @@ def rebuild(path: str | os.PathLike) -> dict[str, Path]:
 
 def _json_path(path: Path) -> Path:
     if path.is_dir():
-        if not (path / "report.json").is_file():
+        if not (path / FILES["json"]).is_file():
             raise UserError(f"{path}: no report.json in this folder")
-        return path / "report.json"
+        return path / FILES["json"]
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
     return path
@@ -187,9 +189,9 @@ def _views(report: dict, folder: Path) -> dict[Path, Callable[[Path], None]]:
     """The three views, rendered now (so a report that cannot be drawn fails before any file
     is touched) and written by `_write_all`."""
     md, page = md_report.markdown(report), html_report.render(report)
-    return {folder / "report.md": lambda tmp: tmp.write_text(md, encoding="utf-8"),
-            folder / "report.png": lambda tmp: png_report.plot(report["layers"], tmp),
-            folder / "report.html": lambda tmp: tmp.write_text(page, encoding="utf-8")}
+    return {folder / FILES["md"]: lambda tmp: tmp.write_text(md, encoding="utf-8"),
+            folder / FILES["png"]: lambda tmp: png_report.plot(report["layers"], tmp),
+            folder / FILES["html"]: lambda tmp: tmp.write_text(page, encoding="utf-8")}
 
 
 def _write_all(writers: dict[Path, Callable[[Path], None]]) -> None:
