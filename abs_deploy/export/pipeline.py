@@ -154,7 +154,7 @@ def _check_options(opts: ExportOptions) -> None:
 
 @dataclass
 class _Pruned:
-    float: torch.nn.Module  # the masked float model without its pruned channels
+    float_model: torch.nn.Module  # the masked float model without its pruned channels
     reference: torch.nn.Module  # the integer reference, likewise
     in_kept: dict[str, int]  # input channels each consumer keeps
 
@@ -178,7 +178,7 @@ class _Files:
     def build(cls, col: Collapsed, pruned: _Pruned, meta: dict[str, str],
               opts: ExportOptions) -> _Files:
         # One capture of the pruned float model serves both files made from it.
-        ep = capture(pruned.float, col.input_shape)
+        ep = capture(pruned.float_model, col.input_shape)
         fp32 = build_onnx(ep, col.input_shape, opset=opts.opset,
                           metadata={**meta, "abs_deploy.kind": "fp32-pruned"}).model
         integer = {n: pruned.reference.get_submodule(n) for n in col.layers}
@@ -202,8 +202,8 @@ class _Checks:
 
 def _validate(col: Collapsed, pruned: _Pruned, files: _Files, batches: Batches,
               progress: Progress, runtimes: tuple[str, ...] = ()) -> _Checks:
-    pruning = check_pruning(col.masked_float, pruned.float, files.fp32, col.layers, batches,
-                            progress)
+    pruning = check_pruning(col.masked_float, pruned.float_model, files.fp32, col.layers,
+                            batches, progress)
     ref_acc, off, full, others = check_qcdq(files.qcdq, pruned.reference, col.layers, batches,
                                             progress, runtimes)
     failures = [f for f in (pruning.failure, off.failure, full.failure,
@@ -256,8 +256,8 @@ def _report(ckpt: dict, ckpt_path: Path, col: Collapsed, pruned: _Pruned, files:
     """All of report.json. `paths` are the model files written beside it, `steps` the time
     each step took before the report, `started` the export's start on `time.perf_counter`."""
     costs = bops.layer_costs(col.original, tuple(col.input_shape))
-    rows = report.layer_rows(col.layers, costs, pruned.in_kept, pruned.float, col.original,
-                             files.quant)
+    rows = report.layer_rows(col.layers, costs, pruned.in_kept, pruned.float_model,
+                             col.original, files.quant)
     return {
         "format": report.FORMAT,
         "checkpoint": str(ckpt_path), "stage": ckpt["stage"],
@@ -266,7 +266,7 @@ def _report(ckpt: dict, ckpt_path: Path, col: Collapsed, pruned: _Pruned, files:
         "options": {"opset": opts.opset, "weights": opts.weights, "simplified": opts.simplify,
                     "reduce_range": opts.reduce_range},
         "layers": rows,
-        "totals": report.totals(rows, _params(col.original), _params(pruned.float),
+        "totals": report.totals(rows, _params(col.original), _params(pruned.float_model),
                                 files.original.ByteSize() if files.original else None,
                                 paths["onnx"].stat().st_size),
         "accuracy": dataclasses.asdict(report.Accuracy(
