@@ -88,7 +88,7 @@ def main() -> None:
 
 
 def markdown(r: dict) -> str:
-    from abs_deploy.export.html_report import MODEL_LABELS
+    from abs_deploy.export.report_format import model_label
 
     lat = r["latency"]
     lines = ["# abs-export on ResNet-20 (digits32), half the inner channels pruned, 4/4 bits", "",
@@ -105,7 +105,7 @@ def markdown(r: dict) -> str:
     for row in lat["rows"]:
         setting = f"bs{row['batch']}_t{row['threads']}"
         speed = lat["speedup_vs_fp_original"].get(setting, {}).get(row["model"])
-        lines.append(f"| {MODEL_LABELS.get(row['model'], row['model'])} | {row['batch']} | "
+        lines.append(f"| {model_label(row['model'])} | {row['batch']} | "
                      f"{row['threads']} | {row['median_ms']:.3f} | {row['p90_ms']:.3f} | "
                      + (f"{speed:.2f}x |" if speed else "n/a |"))
     t = r["totals"]["ratios"]

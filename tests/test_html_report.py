@@ -19,9 +19,10 @@ from click.testing import CliRunner
 
 from abs_deploy import bops, files
 from abs_deploy.cli import main
-from abs_deploy.export import report
-from abs_deploy.export.html_report import FLOAT_BITS, render
+from abs_deploy.export import md_report, report
+from abs_deploy.export.html_report import render
 from abs_deploy.export.latency import Timing
+from abs_deploy.export.report_format import FLOAT_BITS
 from abs_deploy.models.registry import arch_record, build_model
 from abs_deploy.train import EpochLog
 
@@ -313,7 +314,7 @@ def test_markdown_escapes_text_from_the_report():
     rep["dataset"] = "cifar10 & <b>more</b>"
     rep["notes"] = ["<iframe src=x>", "two\n# lines"]
     rep["latency"]["cpu"] = "<i>cpu</i>"
-    md = report.markdown(rep)
+    md = md_report.markdown(rep)
     assert "<" not in md and ">" not in md  # every tag of the source is now text
     assert "&lt;img src=x onerror=alert(1)&gt;" in md and "&amp; &lt;b&gt;" in md
     assert "\\[click\\](javascript" in md  # brackets escaped: no link
@@ -506,7 +507,7 @@ def test_both_views_say_what_each_parity_check_compares_with_the_end_to_end_logi
     """The off-mode limit applies to the last segment fed the reference's codes; the file's own
     end-to-end logits difference (here 0.136) must be shown too, in report.md and report.html."""
     rep = _report()
-    for text in (render(rep), report.markdown(rep)):
+    for text in (render(rep), md_report.markdown(rep)):
         assert "last segment (after the last quantizer) fed the reference" in text
         assert "end to end: logits 1.4e-01 relative" in text
         assert "Fed the reference" in text and "limit 1e-4" in text

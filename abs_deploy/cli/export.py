@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import onnx
@@ -19,7 +20,10 @@ from abs_deploy.cli.common import (
     progress,
 )
 from abs_deploy.data import DATASETS
-from abs_deploy.export.html_report import MODEL_LABELS
+from abs_deploy.export.report_format import model_label, models_of, pct, runtimes
+
+if TYPE_CHECKING:
+    from abs_deploy.export.pipeline import ExportResult
 
 
 @click.command(cls=Command, context_settings={"help_option_names": ["-h", "--help"]})
@@ -80,64 +84,76 @@ def _announce(step: str) -> None:
         click.echo(f"  {step} ...", err=True)
 
 
-def print_summary(result) -> None:
+def print_summary(result: ExportResult) -> None:
     """One screen: files, BOPs and size ratios, accuracy, parity, latency, the fastest file."""
     r = result.report
-    t, acc, par = r["totals"], r["accuracy"], r["parity"]
-    folder = result.files["onnx"].parent
     click.echo(f"exported {r['arch']} ({r['stage']}, {r['method']}) in {result.seconds:.1f} s "
-               f"-> {folder}/")
+               f"-> {result.files['onnx'].parent}/")
     click.echo("  files   " + ", ".join(
         f"{p.name} ({_size(p.stat().st_size)})" if p.suffix in (".onnx", ".ort") else p.name
         for p in result.files.values()))
+    _print_totals(r["totals"])
+    _print_accuracy(r["accuracy"], r["dataset"])
+    _print_parity(r["parity"])
+    _print_latency(r.get("latency"))
+
+
+def _print_totals(t: dict) -> None:
     ratio = t["ratios"]
     versus = " (vs its float32 weights)" if t.get("fp_file_estimated") else ""
     click.echo(f"  BOPs    {fmt_count(t['fp']['bops'])} -> {fmt_count(t['exported']['bops'])}"
                f"  ({ratio['bops']:.1f}x fewer)   MACs {ratio['macs']:.2f}x   "
                f"params {ratio['params']:.2f}x   file {ratio['file_bytes']:.1f}x smaller{versus}")
+
+
+def _print_accuracy(acc: dict, dataset: str) -> None:
     source = "" if acc["fp_source"] == "float weights" else f" ({acc['fp_source']})"
-    click.echo(f"  top-1   FP original {_pct(acc['fp_original'])}{source}   reference "
-               f"{_pct(acc['reference'])}   ORT {_pct(acc['ort'])}   ORT no-opt "
-               f"{_pct(acc['ort_unoptimized'])}   ({acc['images']} images of {r['dataset']})")
+    click.echo(f"  top-1   FP original {pct(acc['fp_original'])}{source}   reference "
+               f"{pct(acc['reference'])}   ORT {pct(acc['ort'])}   ORT no-opt "
+               f"{pct(acc['ort_unoptimized'])}   ({acc['images']} images of {dataset})")
+
+
+def _print_parity(par: dict) -> None:
     p, off, full = par["pruning"], par["ort_unoptimized"], par["ort_optimized"]
     click.echo(f"  parity  pruned = masked to {max(p['logits_rel'], p['onnx_logits_rel']):.0e}"
                f"  |  ORT no-opt logits: last segment {off['logits_rel']:.0e}, end to end "
                f"{off.get('end_to_end_logits_rel', float('nan')):.0e}"
-               f"  |  ORT int8: top-1 agree {_pct(full['top1_agreement'])}, codes equal "
-               f"{_pct(full['codes_equal'], 3)}, max diff {full['codes_max_diff']}")
+               f"  |  ORT int8: top-1 agree {pct(full['top1_agreement'])}, codes equal "
+               f"{pct(full['codes_equal'], 3)}, max diff {full['codes_max_diff']}")
     ov = par.get("openvino")
     if ov:
-        click.echo(f"          OpenVINO: top-1 {_pct(ov['accuracy'])}, agree "
-                   f"{_pct(ov['top1_agreement'])}, codes equal {_pct(ov['codes_equal'], 3)}, "
+        click.echo(f"          OpenVINO: top-1 {pct(ov['accuracy'])}, agree "
+                   f"{pct(ov['top1_agreement'])}, codes equal {pct(ov['codes_equal'], 3)}, "
                    f"max diff {ov['codes_max_diff']}")
     mobile = par.get("ort_format")
     if mobile:
-        click.echo(f"          .ort: top-1 {_pct(mobile['accuracy'])}, agree "
-                   f"{_pct(mobile['top1_agreement'])}, logits vs .onnx "
+        click.echo(f"          .ort: top-1 {pct(mobile['accuracy'])}, agree "
+                   f"{pct(mobile['top1_agreement'])}, logits vs .onnx "
                    f"{mobile['onnx_logits_rel']:.0e}")
     click.echo("          all checks passed")
-    lat = r.get("latency")
+
+
+def _print_latency(lat: dict | None) -> None:
+    """A table of models by setting (batch, threads), then the headline setting's speeds."""
     if not lat:
         click.echo("  latency skipped")
         return
     rows = lat["rows"]
     cols = sorted({(row["batch"], row["threads"]) for row in rows})
-    runtimes = "ONNX Runtime" + (" and OpenVINO" if any(
-        row["model"].endswith("_openvino") for row in rows) else "")
-    click.echo(f"  latency in {runtimes}, median / p90 ms ({rows[0]['runs']} runs), "
+    models = models_of(rows)
+    click.echo(f"  latency in {runtimes(models)}, median / p90 ms ({rows[0]['runs']} runs), "
                f"{lat['cpu']}")
-    models = list(dict.fromkeys(row["model"] for row in rows))
-    width = max(len(MODEL_LABELS.get(m, m)) for m in models) + 1
+    width = max(len(model_label(m)) for m in models) + 1
     click.echo("    " + " " * width + "".join(f"{f'bs{b} {n}t':>18}" for b, n in cols))
     for model in models:
         cells = {(row["batch"], row["threads"]): row for row in rows if row["model"] == model}
-        click.echo("    " + f"{MODEL_LABELS.get(model, model):<{width}}" + "".join(
+        click.echo("    " + f"{model_label(model):<{width}}" + "".join(
             f"{cells[c]['median_ms']:>9.2f} /{cells[c]['p90_ms']:>7.2f}" for c in cols))
     setting = lat["headline"]
     speed = lat["speedup_vs_fp_original"].get(setting, {})
     fastest = lat["fastest"]
-    click.echo(f"  fastest {MODEL_LABELS.get(fastest, fastest)} at {setting}: "
-               + ", ".join(f"{MODEL_LABELS.get(m, m)} {v:.2f}x" for m, v in speed.items())
+    click.echo(f"  fastest {model_label(fastest)} at {setting}: "
+               + ", ".join(f"{model_label(m)} {v:.2f}x" for m, v in speed.items())
                + " the speed of the FP original")
 
 
@@ -166,15 +182,11 @@ def validate(model, dataset, data_dir, batch_size, max_images, runtime):
         click.echo(f"{Path(model).name}: {len(layers)} layers ({bits}), {kept}/{total} "
                    "filters kept")
     name = "OpenVINO" if runtime == "openvino" else "ORT"
-    click.echo(f"top-1 on {check.images} images: {name} {_pct(check.accuracy_all)}, ORT without "
-               f"optimizations {_pct(check.accuracy_off)}; the two agree on "
-               f"{_pct(check.top1_agreement)} (logits {check.logits_rel:.1e} relative)")
+    click.echo(f"top-1 on {check.images} images: {name} {pct(check.accuracy_all)}, ORT without "
+               f"optimizations {pct(check.accuracy_off)}; the two agree on "
+               f"{pct(check.top1_agreement)} (logits {check.logits_rel:.1e} relative)")
     if check.failure:
         raise ValidationFailed(check.failure)
-
-
-def _pct(v: float | None, digits: int = 2) -> str:
-    return "n/a" if v is None else f"{100 * v:.{digits}f}%"
 
 
 def _size(n: int) -> str:

@@ -7,8 +7,8 @@ any zoom. Every string from the report is user data (layer names, paths, notes) 
 escaped. Sections the report lacks (latency skipped, no training history) are replaced by one
 line saying why.
 
-`report.py` takes its figure formatting from here, so the Markdown and the HTML say the
-same numbers the same way.
+Labels and figure formatting come from `report_format.py`, which the views share, so the
+page words and writes a figure as report.md does.
 """
 
 from __future__ import annotations
@@ -18,11 +18,18 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from abs_deploy.export.collapse import FLOAT_BITS  # how the report writes "not quantized"
-
-MODEL_LABELS = {"fp_original": "FP original", "fp_pruned": "pruned FP", "qcdq": "QCDQ",
-                "fp_original_openvino": "FP original (OpenVINO)",
-                "fp_pruned_openvino": "pruned FP (OpenVINO)", "qcdq_openvino": "QCDQ (OpenVINO)"}
+from abs_deploy.export.report_format import (
+    MODEL_LABELS,
+    PARITY_TERMS,
+    bits,
+    count,
+    is_float,
+    model_label,
+    parity_sentences,
+    pct,
+    totals_labels,
+    uses_openvino,
+)
 
 _PLOT_H = 170  # height of one plot area in px
 _PLOT_W = 880  # width the per-layer plots aim at before they grow a scrollbar
@@ -64,17 +71,6 @@ def esc(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def count(n: float) -> str:
-    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{n:,.0f}"
-
-
-def pct(v: float | None, digits: int = 2) -> str:
-    return "n/a" if v is None else f"{100 * v:.{digits}f}%"
-
-
 def ratio(v: float | None) -> str:
     # A ratio over zero: Python's json writes and reads it as Infinity, stricter tools null.
     if v is None:
@@ -99,12 +95,9 @@ def _header_line(r: dict) -> str:
 
 
 def _totals_table(t: dict) -> str:
-    fp_file = "file bytes (FP: its float32 parameters)" if t.get("fp_file_estimated") \
-        else "file bytes"
     rows = [(label, count(t["fp"][key]), count(t["exported"][key]),
              ratio(t["ratios"].get(key)))
-            for key, label in (("bops", "BOPs"), ("macs", "MACs"), ("params", "parameters"),
-                               ("weight_bytes", "layer weight bytes"), ("file_bytes", fp_file))]
+            for key, label in totals_labels(t)]
     return _table(("", "FP original", "exported", "FP / exported"), rows, numeric_from=1)
 
 
@@ -115,38 +108,6 @@ def _accuracy_table(a: dict) -> str:
             ("ONNX Runtime", pct(a["ort"]), "all graph optimizations (int8 kernels)"),
             ("ONNX Runtime, no optimizations", pct(a["ort_unoptimized"]), "")]
     return _table(("model", "top-1", "note"), rows, numeric_from=1, numeric_to=2)
-
-
-PARITY_TERMS = ("Relative = max |runtime - reference| / max |reference| over every image and "
-                "class. \"Fed the reference's codes\": a copy of the file cut at every "
-                "activation quantizer, each segment reading the PyTorch reference's integer "
-                "codes through a copy of its own quantizer, so one code of float-order rounding "
-                "upstream is not magnified downstream; \"end to end\": the file as it is.")
-
-
-def parity_sentences(p: dict) -> list[str]:
-    """What each parity check compares, with its figures and limits, as plain text: the one
-    wording that report.md and report.html both show (PARITY_TERMS defines the terms). `.get`
-    throughout, so a report.json written before a figure existed still renders."""
-    pr, off, full = p["pruning"], p["ort_unoptimized"], p["ort_optimized"]
-    return [
-        f"pruned vs masked float model: logits {_sci(pr.get('logits_rel'))} relative in "
-        f"PyTorch, {_sci(pr.get('onnx_logits_rel'))} as model.fp32.onnx in ORT (all "
-        f"optimizations); worst layer output {pr.get('worst_layer')} "
-        f"{_sci(pr.get('worst_layer_rel'))} (PyTorch, kept channels); limit 1e-5",
-        f"ORT without optimizations vs reference: last segment (after the last quantizer) fed "
-        f"the reference's codes: logits {_sci(off.get('logits_rel'))} relative (limit 1e-4); "
-        f"file end to end: logits {_sci(off.get('end_to_end_logits_rel'))} relative (no "
-        f"limit), top-1 agreement {pct(off.get('top1_agreement'))}; every layer's input codes, "
-        f"its segment fed the reference's codes: equal {pct(off.get('codes_equal'), 3)}, max "
-        f"difference {off.get('codes_max_diff')} (no limit)",
-        f"ORT optimized (int8 kernels) vs reference: file end to end: top-1 agreement "
-        f"{pct(full.get('top1_agreement'))} (needs 99.5%), logits "
-        f"{_sci(full.get('end_to_end_logits_rel'))} relative (no limit); every layer's input "
-        f"codes, its segment fed the reference's codes: equal "
-        f"{pct(full.get('codes_equal'), 3)} (needs 99.9%), max difference "
-        f"{full.get('codes_max_diff')} (limit 1)",
-    ]
 
 
 def _parity_list(p: dict) -> str:
@@ -181,7 +142,7 @@ def _layer_table(layers: list[dict], parity: dict) -> str:
                                     if row.get("w_store_bits", row["w_bits"]) != row["w_bits"]
                                     else "")
         a = _bits(row["a_bits"]) + (" signed" if row.get("a_signed") and
-                                    row["a_bits"] < FLOAT_BITS else "")
+                                    not is_float(row["a_bits"]) else "")
         clip = row.get("act_clip")
         rows.append((
             str(i), f"<code>{esc(row['name'])}</code>", esc(row.get("kind", "")), w, a,
@@ -493,7 +454,7 @@ def _latency(lat: dict | None) -> str:
         "untimed warm-up runs"
     runtimes = ("ONNX Runtime (CPU execution provider, all graph optimizations)"
                 + (" and OpenVINO (CPU plugin; rows marked OpenVINO)"
-                   if any(str(row["model"]).endswith("_openvino") for row in rows) else ""))
+                   if uses_openvino(row["model"] for row in rows) else ""))
     method = (f"{runtimes}, on "
               f"<b>{esc(lat.get('cpu', 'unknown CPU'))}</b>. Each figure is the median and the "
               f"90th percentile of {esc('/'.join(str(r) for r in runs) or '?')} timed runs after "
@@ -505,7 +466,7 @@ def _latency(lat: dict | None) -> str:
             mark = row["model"] == fastest[s]
             sp = speed.get(f"bs{s[0]}_t{s[1]}", {}).get(row["model"])
             table_rows.append((
-                esc(MODEL_LABELS.get(row["model"], row["model"])) + (" &#9733;" if mark else ""),
+                esc(model_label(row["model"])) + (" &#9733;" if mark else ""),
                 esc(row["batch"]), esc(row["threads"]), f"{row['median_ms']:.3f}",
                 f"{row['p90_ms']:.3f}", ratio(sp)))
             classes.append("fastest" if mark else "")
@@ -513,7 +474,7 @@ def _latency(lat: dict | None) -> str:
     if lat.get("headline") and lat.get("fastest"):
         headline = (f" The summary quotes {esc(lat['headline'])} (the largest batch on one "
                     f"thread, the setting other load disturbs least): fastest there is "
-                    f"{esc(MODEL_LABELS.get(lat['fastest'], lat['fastest']))}.")
+                    f"{esc(model_label(lat['fastest']))}.")
     return (f"<p class=\"method\">{method}</p>" + _latency_bars(rows, settings, fastest)
             + _caption("Bars: median; whisker: 90th percentile; &#9733; the fastest model of "
                        "each setting. Each setting has its own scale." + headline)
@@ -546,10 +507,10 @@ def _latency_bars(rows: list[dict], settings: list[tuple[int, int]],
             label = f"{r['median_ms']:.3f} ms (p90 {r['p90_ms']:.3f})"
             out.append(
                 f"<text class=\"name\" x=\"{left - 8}\" y=\"{y + 13}\" text-anchor=\"end\">"
-                f"{esc(MODEL_LABELS.get(model, model))}</text>"
+                f"{esc(model_label(model))}</text>"
                 f"<rect class=\"lat {css}{' fastest' if mark else ''}\" x=\"{left}\" "
                 f"y=\"{y + 2}\" width=\"{max(w_med, 1):.1f}\" height=\"{row_h - 5}\">"
-                f"<title>{esc(MODEL_LABELS.get(model, model))} batch {esc(s[0])}, "
+                f"<title>{esc(model_label(model))} batch {esc(s[0])}, "
                 f"{esc(s[1])} threads: "
                 f"{label}</title></rect>"
                 f"<line class=\"whisker\" x1=\"{left + w_med:.1f}\" x2=\"{left + w_p90:.1f}\" "
@@ -600,7 +561,7 @@ def _legend(x: float, y: float, items: list[tuple[str, str]]) -> str:
 
 
 def _bits(b: int) -> str:
-    return "float" if b >= FLOAT_BITS else esc(b)
+    return esc(bits(b))
 
 
 def _decade(v: float) -> str:
@@ -609,10 +570,6 @@ def _decade(v: float) -> str:
         if v >= div:
             return f"{v / div:g} {unit}"
     return f"{v:g}"
-
-
-def _sci(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.1e}"
 
 
 def _num(v: object) -> bool:

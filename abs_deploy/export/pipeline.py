@@ -103,12 +103,7 @@ def _export(ckpt_path: Path, opts: ExportOptions, progress: Progress,
     steps: dict[str, float] = {}
     step = _Steps(steps, on_step)
     out = _output_path(ckpt_path, opts)
-    if opts.weights not in WEIGHTS:
-        raise UserError(f"--weights must be one of {', '.join(WEIGHTS)}, got {opts.weights!r}")
-    for rt in opts.check_runtimes:
-        if rt != "openvino":
-            raise UserError(f"unknown runtime {rt!r} to check; known: openvino")
-        openvino_runtime.require()
+    _check_options(opts)
     tmp = temp_dir(out)
     try:
         with step("load"):
@@ -131,37 +126,16 @@ def _export(ckpt_path: Path, opts: ExportOptions, progress: Progress,
         ort_file = None
         if opts.ort_format:
             with step("ort format"):
-                ort_file = ort_format.convert(files.qcdq, tmp / f"{out.stem}.ort")
-                checks.ort_format = ort_format.check(ort_file, files.qcdq, pruned.reference,
-                                                     batches, progress)
-                if checks.ort_format.failure:
-                    raise ExportFailed(checks.ort_format.failure)
+                ort_file = _ort_format(files, pruned, checks, batches, progress,
+                                       tmp / f"{out.stem}.ort")
         timings: list[Timing] = []
         if opts.latency:
             with step("latency"):
-                threads = tuple(sorted({1, opts.threads or all_threads()}))
-                models = {"fp_original": files.original, "fp_pruned": files.fp32,
-                          "qcdq": files.qcdq}
-                runtimes = {}
-                if "openvino" in opts.check_runtimes:
-                    # All three again: a runtime is judged against its own float baseline.
-                    for name in list(models):
-                        models[f"{name}_openvino"] = models[name]
-                        runtimes[f"{name}_openvino"] = "openvino"
-                timings = measure(models, col.input_shape, opts.latency_batches, threads,
-                                  opts.latency_runs, progress=progress, runtimes=runtimes)
+                timings = _latency(files, col.input_shape, opts, progress)
         with step("report"):
-            paths = {"onnx": tmp / out.name, "fp32": tmp / f"{out.stem}.fp32.onnx"}
-            if ort_file:
-                paths["ort"] = ort_file
-            _save_onnx(files.qcdq, paths["onnx"])
-            _save_onnx(files.fp32, paths["fp32"])
-            rep = _report(ckpt, ckpt_path, col, pruned, files, checks, timings, data.name,
-                          opts, paths["onnx"].stat().st_size)
-            rep["files"] = {**{k: p.name for k, p in paths.items()},
-                            **{k: f"report.{k}" for k in ("json", "md", "png", "html")}}
-            rep["seconds"] = {**steps, "total": time.perf_counter() - t0}
-            rep["parity"].update(_more_parity(checks))
+            paths = _save_models(files, tmp, out, ort_file)
+            rep = _report(ckpt, ckpt_path, col, pruned, files, checks, timings=timings,
+                          dataset=data.name, opts=opts, paths=paths, steps=steps, started=t0)
             paths.update(report.write(rep, tmp))
         final = _move_into_place(paths, out.parent)
     finally:
@@ -169,9 +143,18 @@ def _export(ckpt_path: Path, opts: ExportOptions, progress: Progress,
     return ExportResult(final, rep, time.perf_counter() - t0, steps)
 
 
+def _check_options(opts: ExportOptions) -> None:
+    if opts.weights not in WEIGHTS:
+        raise UserError(f"--weights must be one of {', '.join(WEIGHTS)}, got {opts.weights!r}")
+    for rt in opts.check_runtimes:
+        if rt != "openvino":
+            raise UserError(f"unknown runtime {rt!r} to check; known: openvino")
+        openvino_runtime.require()
+
+
 @dataclass
 class _Pruned:
-    float: torch.nn.Module  # the masked float model without its pruned channels
+    float_model: torch.nn.Module  # the masked float model without its pruned channels
     reference: torch.nn.Module  # the integer reference, likewise
     in_kept: dict[str, int]  # input channels each consumer keeps
 
@@ -195,7 +178,7 @@ class _Files:
     def build(cls, col: Collapsed, pruned: _Pruned, meta: dict[str, str],
               opts: ExportOptions) -> _Files:
         # One capture of the pruned float model serves both files made from it.
-        ep = capture(pruned.float, col.input_shape)
+        ep = capture(pruned.float_model, col.input_shape)
         fp32 = build_onnx(ep, col.input_shape, opset=opts.opset,
                           metadata={**meta, "abs_deploy.kind": "fp32-pruned"}).model
         integer = {n: pruned.reference.get_submodule(n) for n in col.layers}
@@ -219,8 +202,8 @@ class _Checks:
 
 def _validate(col: Collapsed, pruned: _Pruned, files: _Files, batches: Batches,
               progress: Progress, runtimes: tuple[str, ...] = ()) -> _Checks:
-    pruning = check_pruning(col.masked_float, pruned.float, files.fp32, col.layers, batches,
-                            progress)
+    pruning = check_pruning(col.masked_float, pruned.float_model, files.fp32, col.layers,
+                            batches, progress)
     qcdq = check_qcdq(files.qcdq, files.quant, pruned.reference, batches, progress, runtimes)
     failures = [f for f in (pruning.failure, *qcdq.failures) if f]
     if failures:
@@ -229,20 +212,51 @@ def _validate(col: Collapsed, pruned: _Pruned, files: _Files, batches: Batches,
                    accuracy(col.original, batches), qcdq.others)
 
 
-def _more_parity(checks: _Checks) -> dict:
-    """Parity entries beyond ORT's two modes: other runtimes and the .ort file."""
-    more: dict = {rt: p.as_dict() for rt, p in checks.others.items()}
-    if checks.ort_format:
-        more["ort_format"] = checks.ort_format.as_dict()
-    return more
+def _ort_format(files: _Files, pruned: _Pruned, checks: _Checks, batches: Batches,
+               progress: Progress, path: Path) -> Path:
+    """model.ort at `path`, checked against the QCDQ file; its parity joins `checks`."""
+    ort_file = ort_format.convert(files.qcdq, path)
+    checks.ort_format = ort_format.check(ort_file, files.qcdq, pruned.reference, batches,
+                                         progress)
+    if checks.ort_format.failure:
+        raise ExportFailed(checks.ort_format.failure)
+    return ort_file
+
+
+def _latency(files: _Files, input_shape: list[int], opts: ExportOptions,
+             progress: Progress) -> list[Timing]:
+    threads = tuple(sorted({1, opts.threads or all_threads()}))
+    models = {"fp_original": files.original, "fp_pruned": files.fp32, "qcdq": files.qcdq}
+    runtimes = {}
+    if "openvino" in opts.check_runtimes:
+        # All three again: a runtime is judged against its own float baseline.
+        for name in list(models):
+            models[f"{name}_openvino"] = models[name]
+            runtimes[f"{name}_openvino"] = "openvino"
+    return measure(models, input_shape, opts.latency_batches, threads, opts.latency_runs,
+                   progress=progress, runtimes=runtimes)
+
+
+def _save_models(files: _Files, folder: Path, out: Path, ort_file: Path | None
+                 ) -> dict[str, Path]:
+    """Writes the QCDQ and the pruned float ONNX files into `folder`; returns every model file
+    by key, the .ort file (already written) included."""
+    paths = {"onnx": folder / out.name, "fp32": folder / f"{out.stem}.fp32.onnx"}
+    if ort_file:
+        paths["ort"] = ort_file
+    _save_onnx(files.qcdq, paths["onnx"])
+    _save_onnx(files.fp32, paths["fp32"])
+    return paths
 
 
 def _report(ckpt: dict, ckpt_path: Path, col: Collapsed, pruned: _Pruned, files: _Files,
-            checks: _Checks, timings: list[Timing], dataset: str, opts: ExportOptions,
-            file_bytes: int) -> dict:
+            checks: _Checks, *, timings: list[Timing], dataset: str, opts: ExportOptions,
+            paths: dict[str, Path], steps: dict[str, float], started: float) -> dict:
+    """All of report.json. `paths` are the model files written beside it, `steps` the time
+    each step took before the report, `started` the export's start on `time.perf_counter`."""
     costs = bops.layer_costs(col.original, tuple(col.input_shape))
-    rows = report.layer_rows(col.layers, costs, pruned.in_kept, pruned.float, col.original,
-                             files.quant)
+    rows = report.layer_rows(col.layers, costs, pruned.in_kept, pruned.float_model,
+                             col.original, files.quant)
     return {
         "format": report.FORMAT,
         "checkpoint": str(ckpt_path), "stage": ckpt["stage"],
@@ -251,19 +265,31 @@ def _report(ckpt: dict, ckpt_path: Path, col: Collapsed, pruned: _Pruned, files:
         "options": {"opset": opts.opset, "weights": opts.weights, "simplified": opts.simplify,
                     "reduce_range": opts.reduce_range},
         "layers": rows,
-        "totals": report.totals(rows, _params(col.original), _params(pruned.float),
+        "totals": report.totals(rows, _params(col.original), _params(pruned.float_model),
                                 files.original.ByteSize() if files.original else None,
-                                file_bytes),
+                                paths["onnx"].stat().st_size),
         "accuracy": dataclasses.asdict(report.Accuracy(
             *_fp_accuracy(ckpt, checks.float_accuracy), checks.float_accuracy,
             checks.reference_accuracy, checks.full.accuracy, checks.off.accuracy,
             checks.full.images)),
         "checkpoint_metrics": ckpt.get("metrics", {}),
-        "parity": report.parity_section(checks.pruning, checks.off, checks.full),
+        "parity": {**report.parity_section(checks.pruning, checks.off, checks.full),
+                   **_more_parity(checks)},
         "latency": report.latency_section(timings, _cpu(opts), WARMUP),
         "notes": col.notes + _notes(rows),
         "history": report.history_section(ckpt.get("history")),
+        "files": {**{k: p.name for k, p in paths.items()}, **report.FILES},
+        # Last: the total runs until the report is complete, just before it is written.
+        "seconds": {**steps, "total": time.perf_counter() - started},
     }
+
+
+def _more_parity(checks: _Checks) -> dict:
+    """Parity entries beyond ORT's two modes: other runtimes and the .ort file."""
+    more: dict = {rt: p.as_dict() for rt, p in checks.others.items()}
+    if checks.ort_format:
+        more["ort_format"] = checks.ort_format.as_dict()
+    return more
 
 
 def validate_file(path: str | os.PathLike, dataset: str | None = None,
@@ -336,7 +362,7 @@ def _output_path(ckpt: Path, opts: ExportOptions) -> Path:
         raise UserError(f"output {out} is a folder; give a file name ending in .onnx")
     # Every file the export writes beside the model, so none of them can be the checkpoint.
     written = [out.with_name(f"{out.stem}{ext}") for ext in (".fp32.onnx", ".ort")] + \
-        [out.with_name(f"report.{ext}") for ext in ("json", "md", "png", "html")]
+        [out.with_name(name) for name in report.FILES.values()]
     for path in written:
         if same_file(path, ckpt):
             raise UserError(f"the export writes {path}, which is the checkpoint {ckpt}; give "

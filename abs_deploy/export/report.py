@@ -1,7 +1,9 @@
-"""The export report (DESIGN §9): `report.json` (everything), `report.md` (the same for a
-reader), a PNG with per-layer bits and kept-filter fractions, and `report.html` (tables and
-plots in one self-contained page, see `html_report.py`). The three views are made from the
-JSON alone, so `rebuild` can remake them from a `report.json`.
+"""The export report (DESIGN §9): the dict that `report.json` holds (everything), its sections
+built here, and the files written from it. Its three file views are made from that dict alone,
+each in its own module: `report.md` (md_report.py, the same for a reader), `report.png`
+(png_report.py, per-layer bits and kept-filter fractions) and `report.html` (html_report.py,
+tables and plots in one self-contained page); so `rebuild` can remake them from a
+`report.json`. The views share their wording and number formats through report_format.py.
 
 Counting conventions: MACs and BOPs as in `bops.py` (full precision is 32x32); a layer's weight
 bytes are its kept weights packed at the decided bits plus its bias (int32 or float32, 4
@@ -13,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,15 +23,16 @@ from torch import nn
 
 from abs_deploy import bops
 from abs_deploy.errors import UserError
-from abs_deploy.export import html_report
+from abs_deploy.export import html_report, md_report, png_report
 from abs_deploy.export.collapse import FLOAT_BITS, LayerQuant
-from abs_deploy.export.html_report import MODEL_LABELS, count, pct
 from abs_deploy.export.latency import Timing, headline_setting, speedups
 from abs_deploy.export.qdq import ActQuant
 from abs_deploy.export.validate import ModeParity, PruneParity
 from abs_deploy.files import check_output, discard, reason, remove_stale, temp_path
 
 FORMAT = "abs-deploy-report/1"
+# The files `write` puts in its folder, by the key `write` returns each under.
+FILES = {key: f"report.{key}" for key in ("json", "md", "png", "html")}
 # What `load` insists on before it renders a file: enough to tell our report from any JSON.
 _REQUIRED = ("checkpoint", "stage", "method", "arch", "dataset", "layers", "totals", "accuracy",
              "parity")
@@ -122,7 +124,7 @@ def history_section(history: object) -> list[dict]:
 
 def write(report: dict, folder: Path) -> dict[str, Path]:
     """report.json, report.md, report.png and report.html in `folder`; returns their paths."""
-    path = folder / "report.json"
+    path = folder / FILES["json"]
     text = json.dumps(report, indent=1, default=_jsonable) + "\n"
     views = _views(report, folder)
     _write_all({path: lambda tmp: tmp.write_text(text, encoding="utf-8"), **views})
@@ -160,7 +162,7 @@ def rebuild(path: str | os.PathLike) -> dict[str, Path]:
     it alone; the JSON itself is left as it is. Returns the paths written."""
     json_path = _json_path(Path(path))
     for view in ("md", "png", "html"):
-        check_output(json_path.with_name(f"report.{view}"), [json_path])
+        check_output(json_path.with_name(FILES[view]), [json_path])
     rep = load(json_path)
     try:
         views = _views(rep, json_path.parent)
@@ -175,9 +177,9 @@ def rebuild(path: str | os.PathLike) -> dict[str, Path]:
 
 def _json_path(path: Path) -> Path:
     if path.is_dir():
-        if not (path / "report.json").is_file():
+        if not (path / FILES["json"]).is_file():
             raise UserError(f"{path}: no report.json in this folder")
-        return path / "report.json"
+        return path / FILES["json"]
     if not path.exists():
         raise UserError(f"{path}: no such file or folder")
     return path
@@ -186,10 +188,10 @@ def _json_path(path: Path) -> Path:
 def _views(report: dict, folder: Path) -> dict[Path, Callable[[Path], None]]:
     """The three views, rendered now (so a report that cannot be drawn fails before any file
     is touched) and written by `_write_all`."""
-    md, page = markdown(report), html_report.render(report)
-    return {folder / "report.md": lambda tmp: tmp.write_text(md, encoding="utf-8"),
-            folder / "report.png": lambda tmp: plot(report["layers"], tmp),
-            folder / "report.html": lambda tmp: tmp.write_text(page, encoding="utf-8")}
+    md, page = md_report.markdown(report), html_report.render(report)
+    return {folder / FILES["md"]: lambda tmp: tmp.write_text(md, encoding="utf-8"),
+            folder / FILES["png"]: lambda tmp: png_report.plot(report["layers"], tmp),
+            folder / FILES["html"]: lambda tmp: tmp.write_text(page, encoding="utf-8")}
 
 
 def _write_all(writers: dict[Path, Callable[[Path], None]]) -> None:
@@ -220,116 +222,3 @@ def _jsonable(v: object) -> object:
     if isinstance(v, Path):
         return str(v)
     raise TypeError(f"cannot write {type(v).__name__} to JSON")
-
-
-def markdown(r: dict) -> str:
-    """report.md. Every value quoted from the report goes through `_md`: a report.json is
-    anyone's file, and Markdown viewers render the HTML a string may hold."""
-    t = r["totals"]
-    acc = r["accuracy"]
-    par = r["parity"]
-    opts = r["options"]
-    lines = [f"# Export report: {_md(r['checkpoint'])}", "",
-             f"{_md(r['arch'])} ({_md(r['stage'])}, {_md(r['method'])}), input "
-             f"{_md(r['input_shape'])}, validated on the test split of {_md(r['dataset'])} "
-             f"({_md(acc['images'])} images). ONNX opset {_md(opts['opset'])}, weights "
-             f"{_md(opts['weights'])}.", "",
-             "## Totals", "",
-             "| | FP original | exported | ratio |", "|---|---:|---:|---:|"]
-    file_label = "file bytes (FP: its float32 parameters)" if t.get("fp_file_estimated") \
-        else "file bytes"
-    for key, label in (("bops", "BOPs"), ("macs", "MACs"), ("params", "parameters"),
-                       ("weight_bytes", "layer weight bytes"), ("file_bytes", file_label)):
-        ratio = t["ratios"][key]
-        lines.append(f"| {label} | {count(t['fp'][key])} | {count(t['exported'][key])} | "
-                     f"{ratio:.2f}x |")
-    lines += ["", "## Accuracy (top-1)", "",
-              "| FP original | checkpoint weights in float | reference | ORT | "
-              "ORT (no optimizations) |", "|---:|---:|---:|---:|---:|",
-              f"| {pct(acc['fp_original'])} ({_md(acc['fp_source'])}) | "
-              f"{pct(acc['float_weights'])} | {pct(acc['reference'])} | {pct(acc['ort'])} | "
-              f"{pct(acc['ort_unoptimized'])} |", "", "## Parity", ""]
-    lines += [f"- {_md(s)}" for s in html_report.parity_sentences(par)]
-    lines += ["", _md(html_report.PARITY_TERMS), ""]
-    lat = r.get("latency")
-    if lat:
-        models = list(dict.fromkeys(row["model"] for row in lat["rows"]))
-        where = ("ONNX Runtime and OpenVINO" if any(m.endswith("_openvino") for m in models)
-                 else "ONNX Runtime")
-        warm = f"{_md(lat['warmup'])} warm-up runs" if lat.get("warmup") else "warm-up"
-        lines += [f"## Latency in {where}", "", f"CPU: {_md(lat['cpu'])}. Median / p90 in ms "
-                  f"over {_md(lat['rows'][0]['runs'])} runs after {warm}; within a setting "
-                  "the models take turns run by run.", "",
-                  "| model | batch | threads | median | p90 |", "|---|---:|---:|---:|---:|"]
-        for row in lat["rows"]:
-            lines.append(f"| {_label(row['model'])} | {_md(row['batch'])} | "
-                         f"{_md(row['threads'])} | {row['median_ms']:.3f} | "
-                         f"{row['p90_ms']:.3f} |")
-        lines += ["", "Speed relative to the FP original (its median over each model's):", "",
-                  "| setting | " + " | ".join(_label(m) for m in models) + " |",
-                  "|---|" + "---:|" * len(models)]
-        for setting, speed in lat["speedup_vs_fp_original"].items():
-            lines.append(f"| {_md(setting)} | " + " | ".join(
-                f"{speed[m]:.2f}x" if m in speed else "n/a" for m in models) + " |")
-        lines += ["", f"Fastest at {_md(lat['headline'])}: {_label(lat['fastest'])}.", ""]
-    lines += ["## Layers", "",
-              "| layer | w | a | kept | MACs | BOPs | weight bytes | act. codes |",
-              "|---|---:|---:|---:|---:|---:|---:|---|"]
-    for row in r["layers"]:
-        clip = "float" if row["act_clip"] is None else \
-            f"[{_md(row['act_clip'][0])}, {_md(row['act_clip'][1])}]"
-        w = _md(row["w_bits"]) + (f" (stored {_md(row['w_store_bits'])})"
-                                  if row["w_store_bits"] != row["w_bits"] else "")
-        lines.append(f"| {_md(row['name'])} | {w} | {_md(row['a_bits'])} | "
-                     f"{_md(row['kept'])}/{_md(row['total'])} | {count(row['macs'])} | "
-                     f"{count(row['bops'])} | {count(row['weight_bytes'])} | {clip} |")
-    if r.get("notes"):
-        lines += ["", "## Notes", ""] + [f"- {_md(n)}" for n in r["notes"]]
-    return "\n".join(lines) + "\n"
-
-
-# What Markdown (CommonMark, GitHub's tables and strikethrough) reads as markup in the middle
-# of a line: each is backslash-escaped. <, > and & become entities, so no tag or entity of the
-# source survives. Parentheses stay: with [ and ] escaped they cannot form a link.
-_MD_MARKUP = re.compile(r"([\\`*_\[\]|~])")
-_MD_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
-
-
-def _md(value: object) -> str:
-    """`value` as literal Markdown text on one line."""
-    text = " ".join(str(value).split())
-    text = "".join(_MD_ENTITIES.get(c, c) for c in text)
-    return _MD_MARKUP.sub(r"\\\1", text)
-
-
-def _label(model: object) -> str:
-    return _md(MODEL_LABELS.get(model, model) if isinstance(model, str) else model)
-
-
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r["name"] for r in rows]
-    x = range(len(rows))
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(max(6.0, 0.35 * len(rows) + 2), 6),
-                                   sharex=True)
-    width = 0.4
-    ax1.bar([i - width / 2 for i in x], [min(r["w_bits"], 16) for r in rows], width,
-            label="weights")
-    ax1.bar([i + width / 2 for i in x], [min(r["a_bits"], 16) for r in rows], width,
-            label="activations")
-    ax1.set_ylabel("bits (float shown as 16)")
-    ax1.set_yticks([2, 4, 8, 16])
-    ax1.legend(loc="upper right", fontsize=8)
-    ax2.bar(list(x), [r["kept"] / r["total"] for r in rows], color="tab:green")
-    ax2.set_ylabel("kept filters")
-    ax2.set_ylim(0, 1.05)
-    ax2.set_xticks(list(x))
-    ax2.set_xticklabels(names, rotation=90, fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100, format="png")  # the name may be a temporary one
-    plt.close(fig)
-

@@ -1,0 +1,106 @@
+"""How the views of an export report word and write what `report.json` holds: the labels of
+models, runtimes, totals and parity checks, and the formatting of counts, percentages and bits.
+report.md, report.html and the `abs-export` summary take them from here, so a label or a
+figure reads the same in each (the summary's one-line counts are the CLI's `fmt_count`, as
+every command prints them). This module reads nothing but the report dict and imports no view
+and no exporter code: `abs report` renders from the JSON alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+# How report.json writes "not quantized": bits at or above it are float. It is part of the file
+# format (abs-deploy-report/1), so it is fixed here rather than taken from the exporter, whose
+# collapse.FLOAT_BITS writes the same number (tests/test_report_format.py holds them together).
+FLOAT_BITS = 32
+
+MODEL_LABELS = {"fp_original": "FP original", "fp_pruned": "pruned FP", "qcdq": "QCDQ",
+                "fp_original_openvino": "FP original (OpenVINO)",
+                "fp_pruned_openvino": "pruned FP (OpenVINO)", "qcdq_openvino": "QCDQ (OpenVINO)"}
+
+PARITY_TERMS = ("Relative = max |runtime - reference| / max |reference| over every image and "
+                "class. \"Fed the reference's codes\": a copy of the file cut at every "
+                "activation quantizer, each segment reading the PyTorch reference's integer "
+                "codes through a copy of its own quantizer, so one code of float-order rounding "
+                "upstream is not magnified downstream; \"end to end\": the file as it is.")
+
+
+def model_label(model: object) -> str:
+    """A latency row's model as a reader knows it; a name this version does not know (or a
+    hand-edited value) is shown as it is."""
+    return MODEL_LABELS.get(model, model) if isinstance(model, str) else str(model)
+
+
+def models_of(rows: list[dict]) -> list[str]:
+    """The models of the latency rows, in the order they were timed."""
+    return list(dict.fromkeys(row["model"] for row in rows))
+
+
+def uses_openvino(models: Iterable[object]) -> bool:
+    # The export times every model a second time in OpenVINO under the name + "_openvino".
+    return any(str(m).endswith("_openvino") for m in models)
+
+
+def runtimes(models: Iterable[object]) -> str:
+    """The runtimes the latency rows were timed in."""
+    return "ONNX Runtime and OpenVINO" if uses_openvino(models) else "ONNX Runtime"
+
+
+def totals_labels(totals: dict) -> list[tuple[str, str]]:
+    """(key, label) of each figure in `totals`, in the order the views list them."""
+    file_label = "file bytes (FP: its float32 parameters)" if totals.get("fp_file_estimated") \
+        else "file bytes"
+    return [("bops", "BOPs"), ("macs", "MACs"), ("params", "parameters"),
+            ("weight_bytes", "layer weight bytes"), ("file_bytes", file_label)]
+
+
+def parity_sentences(p: dict) -> list[str]:
+    """What each parity check compares, with its figures and limits, as plain text: the one
+    wording that report.md and report.html both show (PARITY_TERMS defines the terms). `.get`
+    throughout, so a report.json written before a figure existed still renders."""
+    pr, off, full = p["pruning"], p["ort_unoptimized"], p["ort_optimized"]
+    return [
+        f"pruned vs masked float model: logits {sci(pr.get('logits_rel'))} relative in "
+        f"PyTorch, {sci(pr.get('onnx_logits_rel'))} as model.fp32.onnx in ORT (all "
+        f"optimizations); worst layer output {pr.get('worst_layer')} "
+        f"{sci(pr.get('worst_layer_rel'))} (PyTorch, kept channels); limit 1e-5",
+        f"ORT without optimizations vs reference: last segment (after the last quantizer) fed "
+        f"the reference's codes: logits {sci(off.get('logits_rel'))} relative (limit 1e-4); "
+        f"file end to end: logits {sci(off.get('end_to_end_logits_rel'))} relative (no "
+        f"limit), top-1 agreement {pct(off.get('top1_agreement'))}; every layer's input codes, "
+        f"its segment fed the reference's codes: equal {pct(off.get('codes_equal'), 3)}, max "
+        f"difference {off.get('codes_max_diff')} (no limit)",
+        f"ORT optimized (int8 kernels) vs reference: file end to end: top-1 agreement "
+        f"{pct(full.get('top1_agreement'))} (needs 99.5%), logits "
+        f"{sci(full.get('end_to_end_logits_rel'))} relative (no limit); every layer's input "
+        f"codes, its segment fed the reference's codes: equal "
+        f"{pct(full.get('codes_equal'), 3)} (needs 99.9%), max difference "
+        f"{full.get('codes_max_diff')} (limit 1)",
+    ]
+
+
+# --- numbers -----------------------------------------------------------------------------------
+
+
+def count(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n:,.0f}"
+
+
+def pct(v: float | None, digits: int = 2) -> str:
+    return "n/a" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def sci(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.1e}"
+
+
+def is_float(bits: int) -> bool:
+    return bits >= FLOAT_BITS
+
+
+def bits(b: int) -> str:
+    return "float" if is_float(b) else str(b)
