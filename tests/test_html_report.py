@@ -273,11 +273,13 @@ def test_history_without_bops_plots_accuracy_only():
     assert "plot-acc" in svgs and "plot-traj-bops" not in svgs
 
 
-def test_further_runtimes_in_parity_get_a_line_each():
+def test_further_runtimes_in_parity_get_a_line_each_in_html_and_markdown():
     rep = _report()
     rep["parity"]["openvino"] = {"accuracy": 0.904, "top1_agreement": 0.998, "passed": True}
-    page = render(rep)
-    assert "openvino vs reference: top-1 90.40%, top-1 agreement 99.80%" in page
+    rep["parity"]["ort_format"] = {"accuracy": 0.9, "onnx_top1_agreement": 1.0, "passed": True}
+    for text in (render(rep), md_report.markdown(rep).replace("\\_", "_")):
+        assert "openvino vs reference: top-1 90.40%, top-1 agreement 99.80%" in text
+        assert "ort_format vs reference: top-1 90.00%" in text
 
 
 def test_text_from_the_report_is_escaped():

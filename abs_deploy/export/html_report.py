@@ -112,25 +112,8 @@ def _accuracy_table(a: dict) -> str:
 
 def _parity_list(p: dict) -> str:
     items = [esc(s) for s in parity_sentences(p)]
-    # Further runtimes or file formats checked against the same reference: whatever of the
-    # usual figures each entry carries.
-    for name, extra in p.items():
-        if name in ("pruning", "ort_unoptimized", "ort_optimized") or not isinstance(extra, dict):
-            continue
-        figures = [f"{label} {fmt(extra[key])}" for key, label, fmt in _PARITY_FIGURES
-                   if _num(extra.get(key))]
-        items.append(f"{esc(name)} vs reference: " + (", ".join(figures) or "checked"))
     return ("<ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"
             + _caption(esc(PARITY_TERMS)))
-
-
-_PARITY_FIGURES: list[tuple[str, str, Callable[[float], str]]] = [
-    ("accuracy", "top-1", pct), ("top1_agreement", "top-1 agreement", pct),
-    ("logits_rel", "logits relative (last segment fed the reference's codes)",
-     lambda v: f"{v:.1e}"),
-    ("end_to_end_logits_rel", "logits relative end to end", lambda v: f"{v:.1e}"),
-    ("codes_equal", "codes equal", lambda v: pct(v, 3)),
-    ("codes_max_diff", "max code difference", lambda v: f"{v:g}")]
 
 
 def _layer_table(layers: list[dict], parity: dict) -> str:

@@ -8,7 +8,8 @@ and no exporter code: `abs report` renders from the JSON alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 
 # How report.json writes "not quantized": bits at or above it are float. It is part of the file
 # format (abs-deploy-report/1), so it is fixed here rather than taken from the exporter, whose
@@ -77,7 +78,33 @@ def parity_sentences(p: dict) -> list[str]:
         f"codes, its segment fed the reference's codes: equal "
         f"{pct(full.get('codes_equal'), 3)} (needs 99.9%), max difference "
         f"{full.get('codes_max_diff')} (limit 1)",
+        *(_further_check(name, extra) for name, extra in p.items()
+          if name not in ("pruning", "ort_unoptimized", "ort_optimized")
+          and isinstance(extra, dict)),
     ]
+
+
+def _further_check(name: str, extra: dict) -> str:
+    """A further runtime or file format checked against the same reference (OpenVINO, the
+    .ort file): whatever of the usual figures its entry carries."""
+    figures = [f"{label} {fmt(extra[key])}" for key, label, fmt in _PARITY_FIGURES
+               if _finite(extra.get(key))]
+    return f"{name} vs reference: " + (", ".join(figures) or "checked")
+
+
+_PARITY_FIGURES: list[tuple[str, str, Callable[[float], str]]] = [
+    # Lambdas: pct is defined further down.
+    ("accuracy", "top-1", lambda v: pct(v)),
+    ("top1_agreement", "top-1 agreement", lambda v: pct(v)),
+    ("logits_rel", "logits relative (last segment fed the reference's codes)",
+     lambda v: f"{v:.1e}"),
+    ("end_to_end_logits_rel", "logits relative end to end", lambda v: f"{v:.1e}"),
+    ("codes_equal", "codes equal", lambda v: pct(v, 3)),
+    ("codes_max_diff", "max code difference", lambda v: f"{v:g}")]
+
+
+def _finite(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 # --- numbers -----------------------------------------------------------------------------------
