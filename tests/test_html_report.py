@@ -282,6 +282,15 @@ def test_further_runtimes_in_parity_get_a_line_each_in_html_and_markdown():
         assert "ort_format vs reference: top-1 90.00%" in text
 
 
+def test_kernels_get_a_section_in_html_and_markdown_when_counted():
+    rep = _report()
+    assert "Kernels" not in md_report.markdown(rep)
+    rep["kernels"] = {"onnxruntime": {"integer_layers": 3, "float_layers": 5, "integer_adds": 0,
+                                      "adds": 1, "weights_dequantized": 5}}
+    for text in (render(rep), md_report.markdown(rep)):
+        assert "3 of 8 layers on integer kernels, 0 of 1 residual adds" in text
+
+
 def test_text_from_the_report_is_escaped():
     rows = _layer_rows()
     evil = '<script>alert("x")</script>&'

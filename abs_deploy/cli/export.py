@@ -20,7 +20,13 @@ from abs_deploy.cli.common import (
     progress,
 )
 from abs_deploy.data import DATASETS
-from abs_deploy.export.report_format import model_label, models_of, pct, runtimes
+from abs_deploy.export.report_format import (
+    kernel_sentences,
+    model_label,
+    models_of,
+    pct,
+    runtimes,
+)
 
 if TYPE_CHECKING:
     from abs_deploy.export.pipeline import ExportResult
@@ -95,6 +101,8 @@ def print_summary(result: ExportResult) -> None:
     _print_totals(r["totals"])
     _print_accuracy(r["accuracy"], r["dataset"])
     _print_parity(r["parity"])
+    for i, sentence in enumerate(kernel_sentences(r.get("kernels"))):
+        click.echo(("  kernels " if i == 0 else "          ") + sentence)
     _print_latency(r.get("latency"))
 
 

@@ -24,6 +24,7 @@ from abs_deploy.export.report_format import (
     bits,
     count,
     is_float,
+    kernel_sentences,
     model_label,
     parity_sentences,
     pct,
@@ -46,6 +47,7 @@ def render(report: dict) -> str:
         _section("totals", "Totals", _totals_table(r["totals"])),
         _section("accuracy", "Accuracy (top-1)", _accuracy_table(r["accuracy"])),
         _section("parity", "Parity", _parity_list(r["parity"])),
+        _section("kernels", "Kernels", _kernel_list(r.get("kernels"))),
         _section("bits", "Bits per layer", _bits_plot(r["layers"])),
         _section("kept", "Kept filters per layer", _kept_plot(r["layers"])),
         _section("bops", "BOPs per layer: FP vs compressed", _bops_plot(r["layers"])),
@@ -108,6 +110,16 @@ def _accuracy_table(a: dict) -> str:
             ("ONNX Runtime", pct(a["ort"]), "all graph optimizations (int8 kernels)"),
             ("ONNX Runtime, no optimizations", pct(a["ort_unoptimized"]), "")]
     return _table(("model", "top-1", "note"), rows, numeric_from=1, numeric_to=2)
+
+
+def _kernel_list(kernels: dict | None) -> str:
+    items = kernel_sentences(kernels)
+    if not items:
+        return "<p>not counted in this report</p>"
+    return ("<ul>" + "".join(f"<li>{esc(i)}</li>" for i in items) + "</ul>"
+            + _caption("Counted in each runtime's own graph after its optimizations: a layer "
+                       "on integer kernels is a QLinearConv/QGemm in ONNX Runtime, a u8/i8 "
+                       "convolution or fully-connected layer in OpenVINO."))
 
 
 def _parity_list(p: dict) -> str:

@@ -8,6 +8,7 @@ import re
 from abs_deploy.export.report_format import (
     PARITY_TERMS,
     count,
+    kernel_sentences,
     model_label,
     models_of,
     parity_sentences,
@@ -21,7 +22,8 @@ def markdown(r: dict) -> str:
     """report.md. Every value quoted from the report goes through `_md`: a report.json is
     anyone's file, and Markdown viewers render the HTML a string may hold."""
     sections = [_heading(r), _totals(r["totals"]), _accuracy(r["accuracy"]),
-                _parity(r["parity"]), _latency(r.get("latency")), _layers(r["layers"]),
+                _parity(r["parity"]), _kernels(r.get("kernels")), _latency(r.get("latency")),
+                _layers(r["layers"]),
                 _notes(r.get("notes"))]
     # Each section a block of lines; one blank line between blocks.
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
@@ -56,6 +58,11 @@ def _accuracy(acc: dict) -> list[str]:
 def _parity(par: dict) -> list[str]:
     return (["## Parity", ""] + [f"- {_md(s)}" for s in parity_sentences(par)]
             + ["", _md(PARITY_TERMS)])
+
+
+def _kernels(kernels: dict | None) -> list[str]:
+    sentences = kernel_sentences(kernels)
+    return ["## Kernels", "", *(f"- {_md(s)}" for s in sentences)] if sentences else []
 
 
 def _latency(lat: dict | None) -> list[str]:

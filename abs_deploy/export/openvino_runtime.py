@@ -73,6 +73,14 @@ class OVSession:
         result = self._request.infer(feed)
         return [np.array(result[port], copy=True) for port in self._outputs]
 
+    def executed_layers(self) -> list[tuple[str, str]]:
+        """(layer type, precision) of every layer of the compiled model as the plugin runs it."""
+        out = []
+        for op in self._compiled.get_runtime_model().get_ordered_ops():
+            info = op.get_rt_info()
+            out.append((info["layerType"].astype(str), info["runtimePrecision"].astype(str)))
+        return out
+
 
 def device_name() -> str:
     require()

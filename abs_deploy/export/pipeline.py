@@ -23,6 +23,7 @@ from abs_deploy.errors import UserError
 from abs_deploy.export import openvino_runtime, ort_format, report
 from abs_deploy.export.collapse import Collapsed, collapse
 from abs_deploy.export.errors import ExportFailed
+from abs_deploy.export.kernels import Kernels, onnxruntime_kernels, openvino_kernels
 from abs_deploy.export.latency import MIN_RUNS, WARMUP, Timing, all_threads, cpu_name, measure
 from abs_deploy.export.onnx_graph import build_onnx, capture
 from abs_deploy.export.prune import prune
@@ -123,6 +124,8 @@ def _export(ckpt_path: Path, opts: ExportOptions, progress: Progress,
                 files.qcdq, files.fp32 = simplify(files.qcdq), simplify(files.fp32)
         with step("validate"):
             checks = _validate(col, pruned, files, batches, progress, opts.check_runtimes)
+        with step("kernels"):
+            used = _kernels(files.qcdq, opts.check_runtimes)
         ort_file = None
         if opts.ort_format:
             with step("ort format"):
@@ -135,7 +138,8 @@ def _export(ckpt_path: Path, opts: ExportOptions, progress: Progress,
         with step("report"):
             paths = _save_models(files, tmp, out, ort_file)
             rep = _report(ckpt, ckpt_path, col, pruned, files, checks, timings=timings,
-                          dataset=data.name, opts=opts, paths=paths, steps=steps, started=t0)
+                          kernels=used, dataset=data.name, opts=opts, paths=paths,
+                          steps=steps, started=t0)
             paths.update(report.write(rep, tmp))
         final = _move_into_place(paths, out.parent)
     finally:
@@ -249,9 +253,16 @@ def _save_models(files: _Files, folder: Path, out: Path, ort_file: Path | None
     return paths
 
 
+def _kernels(model: onnx.ModelProto, runtimes: tuple[str, ...]) -> list[Kernels]:
+    """What ORT (and each runtime checked) runs the QCDQ file's layers on."""
+    return [onnxruntime_kernels(model)] + [openvino_kernels(model) for rt in runtimes
+                                           if rt == "openvino"]
+
+
 def _report(ckpt: dict, ckpt_path: Path, col: Collapsed, pruned: _Pruned, files: _Files,
-            checks: _Checks, *, timings: list[Timing], dataset: str, opts: ExportOptions,
-            paths: dict[str, Path], steps: dict[str, float], started: float) -> dict:
+            checks: _Checks, *, timings: list[Timing], kernels: list[Kernels], dataset: str,
+            opts: ExportOptions, paths: dict[str, Path], steps: dict[str, float],
+            started: float) -> dict:
     """All of report.json. `paths` are the model files written beside it, `steps` the time
     each step took before the report, `started` the export's start on `time.perf_counter`."""
     costs = bops.layer_costs(col.original, tuple(col.input_shape))
@@ -276,6 +287,7 @@ def _report(ckpt: dict, ckpt_path: Path, col: Collapsed, pruned: _Pruned, files:
         "parity": {**report.parity_section(checks.pruning, checks.off, checks.full),
                    **_more_parity(checks)},
         "latency": report.latency_section(timings, _cpu(opts), WARMUP),
+        "kernels": {k.runtime: k.as_dict() for k in kernels},
         "notes": col.notes + _notes(rows),
         "history": report.history_section(ckpt.get("history")),
         "files": {**{k: p.name for k, p in paths.items()}, **report.FILES},

@@ -107,6 +107,26 @@ def _finite(v: object) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+_RUNTIME_LABELS = {"onnxruntime": "ONNX Runtime (all optimizations)", "openvino": "OpenVINO CPU"}
+
+
+def kernel_sentences(kernels: dict | None) -> list[str]:
+    """What each runtime runs the QCDQ file's layers on (export/kernels.py), one sentence a
+    runtime; none for a report.json written before the count existed."""
+    out = []
+    for rt, k in (kernels or {}).items():
+        layers = k["integer_layers"] + k["float_layers"]
+        name = _RUNTIME_LABELS.get(rt, rt)
+        text = f"{name}: {k['integer_layers']} of {layers} layers on integer kernels"
+        if k.get("integer_adds") is not None:
+            text += f", {k['integer_adds']} of {k['adds']} residual adds"
+        if k.get("weights_dequantized") is not None:
+            text += (f"; {k['weights_dequantized']} weight tensors dequantized to float on "
+                     "every run")
+        out.append(text)
+    return out
+
+
 # --- numbers -----------------------------------------------------------------------------------
 
 
