@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from abs_deploy.decision import Decision
 from abs_deploy.device import device_of
 from abs_deploy.errors import UserError, first_line
 
@@ -140,19 +141,17 @@ def parse_bops(text: str, fp_bops: float) -> float:
     return value * fp_bops if value <= 1 else value
 
 
-def decision_bops(decision: Mapping[str, dict], arch: dict, input_shape: list[int]
-                  ) -> list[LayerBops]:
-    """Per-layer BOPs of a decision record: its bits, its kept outputs, and for each consumer the
+def decision_bops(decision: Decision, arch: dict, input_shape: list[int]) -> list[LayerBops]:
+    """Per-layer BOPs of a decision: its bits, its kept outputs, and for each consumer the
     inputs its producers kept (found from the float architecture's channel groups)."""
     from abs_deploy import graph
     from abs_deploy.models.registry import build_model
 
     model = build_model(arch)
-    kept = {n: d["kept"] for n, d in decision.items()}
+    kept = decision.kept()
     in_kept = {}
     if any(len(k) < model.get_submodule(n).weight.shape[0] for n, k in kept.items()):
         groups = graph.channel_groups(model, torch.zeros(input_shape))
         in_kept = graph.input_kept(groups, kept)
-    return bops_table(layer_costs(model, tuple(input_shape)),
-                      {n: (d["w_bits"], d["a_bits"]) for n, d in decision.items()},
+    return bops_table(layer_costs(model, tuple(input_shape)), decision.bits(),
                       out_kept={n: len(k) for n, k in kept.items()}, in_kept=in_kept)

@@ -220,8 +220,8 @@ def print_decision(ckpt: dict, target: float | None = None) -> None:
     click.echo(f"{'layer':<28} {'w':>2} {'a':>2} {'kept':>9} {'BOPs':>12}")
     for name, d in ckpt["decision"].items():
         r = rows[name]
-        click.echo(f"{name:<28} {d['w_bits']:>2} {d['a_bits']:>2} "
-                   f"{len(d['kept']):>4}/{r.c_out:<4} {fmt_count(r.bops):>12}")
+        click.echo(f"{name:<28} {d.w_bits:>2} {d.a_bits:>2} "
+                   f"{len(d.kept):>4}/{r.c_out:<4} {fmt_count(r.bops):>12}")
     m = ckpt["metrics"]
     aim = f"  (target {fmt_count(target)}, off by {100 * (m['bops'] / target - 1):+.1f}%)" \
         if target else ""

@@ -38,13 +38,14 @@ from torch import Tensor, nn
 from abs_deploy import bops, graph
 from abs_deploy.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from abs_deploy.data import Dataset
+from abs_deploy.decision import Decision
 from abs_deploy.device import device_of
 from abs_deploy.distributed import current
 from abs_deploy.errors import UserError
 from abs_deploy.modules import get_module, set_module
 from abs_deploy.progress import Progress, no_progress
 from abs_deploy.search.controller import RELAY, ControllerGains, LambdaController
-from abs_deploy.search.qmodel import calibrate, model_from_checkpoint
+from abs_deploy.search.qmodel import calibrate, make_decision, model_from_checkpoint
 from abs_deploy.search.superbit import (
     SUPERBIT_TYPES,
     TAU,
@@ -151,13 +152,8 @@ class SuperBitNet:
                 out[p] = [int(i) for i in idx]
         return out
 
-    def decision(self) -> dict[str, dict]:
-        kept = self.kept()
-        return {n: {"w_bits": int(m.w_bits), "a_bits": int(m.a_bits),
-                    "a_signed": bool(m.a_signed),
-                    "kept": kept.get(n, list(range(m.weight.shape[0]))),
-                    "bn": self.bn_of.get(n)}
-                for n, m in self.layers.items()}
+    def decision(self) -> Decision:
+        return make_decision(self.model, self.bn_of, self.kept(), self.order)
 
     def histogram(self) -> str:
         """`w 2:3 4:5 8:2  a ...  pruned 12/96` for the progress display."""
@@ -401,7 +397,8 @@ class AbsMethod(Method):
     def end_epoch(self, epoch: int) -> dict:
         with torch.no_grad():
             cur = self.net.bops().item()
-        current().same_on_all_ranks({"decision": self.net.decision(), "lam": self.lam},
+        current().same_on_all_ranks({"decision": self.net.decision().to_record(),
+                                     "lam": self.lam},
                                     "the search's gates and lam")
         extra = {"bops": cur, "fp_ratio": self.fp_bops / cur, "lam": self.lam,
                  "bits": self.net.histogram()}
@@ -431,7 +428,7 @@ def _agree(net: SuperBitNet) -> None:
         m.forced = tuple(forced["layers"][n])
     for g in net.groups:
         g.forced = forced["groups"][g.id]
-    dist.same_on_all_ranks(net.decision(), "the searched decision")
+    dist.same_on_all_ranks(net.decision().to_record(), "the searched decision")
 
 
 class _Refine(Method):
