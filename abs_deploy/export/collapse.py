@@ -102,12 +102,12 @@ def collapse(ckpt: dict, reduce_range: bool = True) -> Collapsed:
     model.eval()
 
     original = copy.deepcopy(model)
-    k_of = _fold_norms(model, layers)
+    bn_scales = _fold_norms(model, layers)
     _zero_pruned(model, layers)
     reference = copy.deepcopy(model)
     for name, lq in layers.items():
         set_module(reference, name, _integer_layer(reference.get_submodule(name), lq,
-                                                    clips[name], k_of[name]))
+                                                    clips[name], bn_scales[name]))
     notes = []
     reduced = [n for n, lq in layers.items() if lq.w_store_bits != lq.w_bits]
     if reduced:
@@ -230,13 +230,14 @@ def _tensor(state: dict, key: str, shape: tuple[int, ...]) -> Tensor:
 
 @torch.no_grad()
 def _fold_norms(model: nn.Module, layers: dict[str, LayerQuant]) -> dict[str, Tensor]:
-    """Fold each layer's BN into it (in place); the per-channel BN scale `k` of each layer."""
-    k_of = {}
+    """Fold each layer's BN into it (in place); the per-channel BN scale `k` of each layer
+    (ones where no BN follows), which the weight clip is multiplied by."""
+    bn_scales = {}
     for name, lq in layers.items():
         layer = model.get_submodule(name)
         bn = model.get_submodule(lq.bn) if lq.bn else None
         if not isinstance(bn, _BatchNorm):
-            k_of[name] = torch.ones(lq.total)
+            bn_scales[name] = torch.ones(lq.total)
             if layer.bias is None:
                 layer.bias = nn.Parameter(torch.zeros(lq.total))
             continue
@@ -244,10 +245,10 @@ def _fold_norms(model: nn.Module, layers: dict[str, LayerQuant]) -> dict[str, Te
         layer.weight = nn.Parameter(w)
         layer.bias = nn.Parameter(b)
         set_module(model, lq.bn, nn.Identity())
-        k_of[name] = k
+        bn_scales[name] = k
     for p in model.parameters():
         p.requires_grad_(False)
-    return k_of
+    return bn_scales
 
 
 @torch.no_grad()
@@ -264,12 +265,12 @@ def _zero_pruned(model: nn.Module, layers: dict[str, LayerQuant]) -> None:
 
 
 def _integer_layer(layer: nn.Module, lq: LayerQuant, clip: tuple[Tensor | None, Tensor | None],
-                   k: Tensor) -> nn.Module:
+                   bn_scale: Tensor) -> nn.Module:
     w_clip, a_clip = clip
     w, b = layer.weight.detach(), layer.bias.detach()
     codes = w_scale = a_scale = b_int = None
     if lq.w_quantized:
-        clip_eff = (w_clip.abs() + CLIP_EPS) * k.abs()
+        clip_eff = (w_clip.abs() + CLIP_EPS) * bn_scale.abs()
         s = scale(clip_eff, lq.w_store_bits, True)
         # A zero BN gamma zeroes the folded channel: any scale stores it (as code 0).
         s = torch.where(s > 0, s, torch.ones_like(s))
