@@ -214,7 +214,7 @@ def test_projection_lands_in_the_band_when_single_moves_jump_over_it(ratio):
     net = to_superbit(model, torch.zeros(shape))
     fp_bops = bops.totals(bops.bops_table(bops.layer_costs(model, shape)))["bops"]
     net.freeze()
-    net.layers["head.0"].forced = (2, 8)
+    net.layers["head.0"].pinned_bits = (2, 8)
     data = load_dataset("synthetic")
     target = fp_bops / ratio
     project(net, data, target)

@@ -82,7 +82,7 @@ class GateGroup:
     depthwise: list[str]
     spatial: dict[str, int]
     masked: list[str]                 # modules whose output the mask multiplies (BN or layer)
-    forced: int | None = None         # kept count pinned by the projection step
+    pinned_kept: int | None = None    # kept count pinned by the projection step
     mask: Tensor | None = field(default=None, repr=False)
 
     @property
@@ -112,9 +112,9 @@ class SuperBitNet:
         return filter_norms([self.layers[p].weight for p in g.producers])
 
     def group_mask(self, g: GateGroup) -> Tensor:
-        if g.forced is not None:
+        if g.pinned_kept is not None:
             norms = self.norms(g)
-            keep = torch.argsort(norms, descending=True, stable=True)[:g.forced]
+            keep = torch.argsort(norms, descending=True, stable=True)[:g.pinned_kept]
             mask = norms.new_zeros(g.channels)
             mask[keep] = 1.0
             return mask
@@ -210,16 +210,16 @@ class SuperBitNet:
                 if bits[0] not in m.candidates or bits[1] not in m.candidates:
                     raise UserError(f"pinned bits {bits} are not among the candidates "
                                     f"{m.candidates}")
-                m.forced = tuple(bits)
+                m.pinned_bits = tuple(bits)
         for g in self.groups:
-            g.forced = g.channels
+            g.pinned_kept = g.channels
 
     def freeze(self) -> None:
         """Pin the current hard decision (bits and kept counts); gates stop moving."""
         for m in self.layers.values():
-            m.forced = (m.w_bits, m.a_bits)
+            m.pinned_bits = (m.w_bits, m.a_bits)
         for g in self.groups:
-            g.forced = int(self.group_mask(g).sum())
+            g.pinned_kept = int(self.group_mask(g).sum())
 
 
 def to_superbit(model: nn.Module, example_input: Tensor,
@@ -422,12 +422,12 @@ def _agree(net: SuperBitNet) -> None:
     """Rank 0's frozen decision on every rank, then checked: the projection measures losses,
     and on a GPU two ranks' sums may round differently and pick different moves."""
     dist = current()
-    forced = dist.broadcast({"layers": {n: list(m.forced) for n, m in net.layers.items()},
-                             "groups": {g.id: g.forced for g in net.groups}})
+    pinned = dist.broadcast({"layers": {n: list(m.pinned_bits) for n, m in net.layers.items()},
+                             "groups": {g.id: g.pinned_kept for g in net.groups}})
     for n, m in net.layers.items():
-        m.forced = tuple(forced["layers"][n])
+        m.pinned_bits = tuple(pinned["layers"][n])
     for g in net.groups:
-        g.forced = forced["groups"][g.id]
+        g.pinned_kept = pinned["groups"][g.id]
     dist.same_on_all_ranks(net.decision().to_record(), "the searched decision")
 
 
@@ -487,16 +487,16 @@ def _check_target(net: SuperBitNet, target: float | None) -> None:
     if target is None:
         return
     hi = net.bops().item()
-    saved = {n: m.forced for n, m in net.layers.items()}
+    saved = {n: m.pinned_bits for n, m in net.layers.items()}
     for m in net.layers.values():
-        m.forced = (m.candidates[0], m.candidates[0])
+        m.pinned_bits = (m.candidates[0], m.candidates[0])
     for g in net.groups:
-        g.forced = g.channels - min(int(net.max_prune * g.channels), g.channels - 1)
+        g.pinned_kept = g.channels - min(int(net.max_prune * g.channels), g.channels - 1)
     lo = net.bops().item()
     for n, m in net.layers.items():
-        m.forced = saved[n]
+        m.pinned_bits = saved[n]
     for g in net.groups:
-        g.forced = None
+        g.pinned_kept = None
     if not lo <= target <= hi:
         raise UserError(f"BOP target {target / 1e6:,.2f} M is outside what this search space "
                         f"reaches ({lo / 1e6:,.2f} M .. {hi / 1e6:,.2f} M)")
@@ -644,17 +644,18 @@ def _moves(net: SuperBitNet, down: bool):
         if not m.searchable:
             continue
         for which in (0, 1):
-            idx = m.candidates.index(m.forced[which]) + sign
+            idx = m.candidates.index(m.pinned_bits[which]) + sign
             if 0 <= idx < len(m.candidates):
-                old = m.forced
+                old = m.pinned_bits
                 new = (m.candidates[idx], old[1]) if which == 0 else (old[0], m.candidates[idx])
-                yield (name, which), _setter(m, "forced", new), _setter(m, "forced", old)
+                yield (name, which), _setter(m, "pinned_bits", new), _setter(m, "pinned_bits", old)
     for g in net.groups:
         step = max(1, g.channels // 16)
         lo = g.channels - min(int(net.max_prune * g.channels), g.channels - 1)
-        new = min(max(g.forced + sign * step, lo), g.channels)
-        if new != g.forced:
-            yield ("group", g.id), _setter(g, "forced", new), _setter(g, "forced", g.forced)
+        new = min(max(g.pinned_kept + sign * step, lo), g.channels)
+        if new != g.pinned_kept:
+            yield (("group", g.id), _setter(g, "pinned_kept", new),
+                   _setter(g, "pinned_kept", g.pinned_kept))
 
 
 def _setter(obj: object, attr: str, value: object) -> Callable[[], None]:
