@@ -282,15 +282,9 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
     `lsq_scale=False` trains the clips without LSQ's gradient scale, as the search did before
     (for the ablation that measured it). `swap_samples` > 0 runs `swap` after the projection.
     `gains` sets the lam controller; `on_step(bops, lam)` sees every step."""
-    cands = tuple(int(b) for b in candidates)
-    if list(cands) != sorted(set(cands)) or cands[0] < 1 or cands[-1] > 8:
-        raise UserError(f"candidates must be distinct ascending bitwidths in 1..8, got {cands}")
     if pin_bits is not None:
         target_bops, lam = None, 0.0
-    if target_bops is None and lam is None:
-        raise UserError("give a BOP target or a fixed lam")
-    if not 0 <= max_prune < 1:
-        raise UserError(f"max_prune must be in [0, 1), got {max_prune}")
+    cands = _check_settings(candidates, target_bops, lam, max_prune)
     model = model_from_checkpoint(fp_ckpt).to(data.device)
     fp_top1 = evaluate(model, data, "test")
     costs = bops.layer_costs(model, data.input_shape)
@@ -314,11 +308,7 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
     logs = fit(model, data, cfg, method, progress, on_epoch_end, resume)
 
     searched_bops = net.bops().item()
-    moves = project(net, data, target_bops, tolerance) if ctl is not None else 0
-    swapped = (swap(net, data, target_bops, tolerance, swap_samples)
-               if ctl is not None and swap_samples else None)
-    net.freeze()
-    _agree(net)
+    moves, swapped = _settle(net, data, target_bops, tolerance, swap_samples)
     if refine_epochs > 0:
         logs += _refine(net, data, cfg, refine_epochs, progress)
     decision = net.decision()
@@ -327,6 +317,19 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
                                candidates=list(cands), max_prune=max_prune,
                                search_bops=searched_bops, projection_moves=moves,
                                swap=swapped)
+
+
+def _check_settings(candidates: Sequence[int], target_bops: float | None, lam: float | None,
+                    max_prune: float) -> tuple[int, ...]:
+    """The candidate bitwidths as ints, once the settings are known to make a search."""
+    cands = tuple(int(b) for b in candidates)
+    if list(cands) != sorted(set(cands)) or cands[0] < 1 or cands[-1] > 8:
+        raise UserError(f"candidates must be distinct ascending bitwidths in 1..8, got {cands}")
+    if target_bops is None and lam is None:
+        raise UserError("give a BOP target or a fixed lam")
+    if not 0 <= max_prune < 1:
+        raise UserError(f"max_prune must be in [0, 1), got {max_prune}")
+    return cands
 
 
 def _superbit_net(model: nn.Module, data: Dataset, cands: tuple[int, ...], max_prune: float,
@@ -344,6 +347,19 @@ def _superbit_net(model: nn.Module, data: Dataset, cands: tuple[int, ...], max_p
         start_thresholds(net, (x for x, _ in islice(data.batches("train", 128, shuffle=True),
                                                     4)), gate_margin)
     return net
+
+
+def _settle(net: SuperBitNet, data: Dataset, target: float | None, tolerance: float,
+            swap_samples: int) -> tuple[int, dict | None]:
+    """The search's last hard decision, frozen and the same on every rank: with a target,
+    first projected into its band (and, with `swap_samples`, improved by equal-cost swaps).
+    Returns the projection's moves and the swap's summary."""
+    moves = project(net, data, target, tolerance) if target is not None else 0
+    swapped = (swap(net, data, target, tolerance, swap_samples)
+               if target is not None and swap_samples else None)
+    net.freeze()
+    _agree(net)
+    return moves, swapped
 
 
 class AbsMethod(Method):
