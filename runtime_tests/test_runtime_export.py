@@ -65,18 +65,18 @@ def test_every_quantized_layer_has_its_bits_in_names_and_clip_bounds(exported):
     model = onnx.load(result.files["onnx"])
     nodes = {n.name: n for n in model.graph.node}
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
-    for layer, d in ckpt["decision"].items():
-        tag = f"{layer}.w{d.w_bits}a{d.a_bits}"
+    for layer, d in ckpt["decision"].to_record().items():
+        tag = f"{layer}.w{d['w_bits']}a{d['a_bits']}"
         assert tag in nodes
         clip = nodes.get(f"{tag}.act_clip")
-        lo, hi = int_range(d.a_bits, d.a_signed)
-        if d.a_bits == 8:
+        lo, hi = int_range(d["a_bits"], d["a_signed"])
+        if d["a_bits"] == 8:
             assert clip is None
         else:
             assert (int(inits[clip.input[1]]), int(inits[clip.input[2]])) == (lo, hi)
         q = nodes[f"{tag}.act_q"]
         zero = inits[q.input[2]]
-        assert zero.dtype == (np.int8 if d.a_signed else np.uint8) and zero == 0
+        assert zero.dtype == (np.int8 if d["a_signed"] else np.uint8) and zero == 0
 
 
 def test_no_float_clip_sits_between_a_layer_and_its_quantizer(exported):
