@@ -13,10 +13,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from abs_deploy.decision import FLOAT_BITS, Decision
 from abs_deploy.device import device_of
 from abs_deploy.errors import UserError, first_line
-
-FP_BITS = 32
 
 
 @dataclass
@@ -107,7 +106,7 @@ def bops_table(costs: list[LayerCost], bits: Mapping[str, tuple[int, int]] | Non
     bits, out_kept, in_kept = bits or {}, out_kept or {}, in_kept or {}
     rows = []
     for c in costs:
-        wb, ab = bits.get(c.name, (FP_BITS, FP_BITS))
+        wb, ab = bits.get(c.name, (FLOAT_BITS, FLOAT_BITS))
         macs = c.macs_kept(out_kept.get(c.name), in_kept.get(c.name))
         rows.append(LayerBops(c.name, macs, wb, ab, macs * wb * ab,
                               out_kept.get(c.name, c.c_out), c.c_out))
@@ -140,19 +139,17 @@ def parse_bops(text: str, fp_bops: float) -> float:
     return value * fp_bops if value <= 1 else value
 
 
-def decision_bops(decision: Mapping[str, dict], arch: dict, input_shape: list[int]
-                  ) -> list[LayerBops]:
-    """Per-layer BOPs of a decision record: its bits, its kept outputs, and for each consumer the
+def decision_bops(decision: Decision, arch: dict, input_shape: list[int]) -> list[LayerBops]:
+    """Per-layer BOPs of a decision: its bits, its kept outputs, and for each consumer the
     inputs its producers kept (found from the float architecture's channel groups)."""
     from abs_deploy import graph
     from abs_deploy.models.registry import build_model
 
     model = build_model(arch)
-    kept = {n: d["kept"] for n, d in decision.items()}
+    kept = decision.kept()
     in_kept = {}
     if any(len(k) < model.get_submodule(n).weight.shape[0] for n, k in kept.items()):
         groups = graph.channel_groups(model, torch.zeros(input_shape))
         in_kept = graph.input_kept(groups, kept)
-    return bops_table(layer_costs(model, tuple(input_shape)),
-                      {n: (d["w_bits"], d["a_bits"]) for n, d in decision.items()},
+    return bops_table(layer_costs(model, tuple(input_shape)), decision.bits(),
                       out_kept={n: len(k) for n, k in kept.items()}, in_kept=in_kept)

@@ -2,6 +2,9 @@
 written atomically and read with `torch.load(weights_only=True)`. A model file never runs code:
 unpickling refuses objects, and an architecture the file names by import path is built only when
 the user allowed that path (`models.registry.trusted_imports`).
+
+In memory a checkpoint's `decision` is a `Decision`; the file holds its plain record. Reading a
+file checks that record against the architecture, once, for every command that reads it.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from abs_deploy import files
+from abs_deploy.decision import Decision
 from abs_deploy.errors import UserError
-from abs_deploy.models.registry import check_arch
+from abs_deploy.models.registry import build_model, check_arch
 
 FORMAT = "abs-deploy/1"
 STAGES = ("fp", "searched", "finetuned")
@@ -29,7 +34,7 @@ MAX_INPUT_VALUES = 1 << 24
 
 
 def make_checkpoint(stage: str, arch: dict, input_spec: dict, num_classes: int,
-                    state_dict: dict, decision: dict | None = None,
+                    state_dict: dict, decision: Decision | None = None,
                     metrics: dict | None = None, history: list | None = None,
                     **extra: Any) -> dict:
     """A checkpoint dict. `extra` carries method-specific fields (e.g. `bn_folded`, `method`)."""
@@ -38,7 +43,7 @@ def make_checkpoint(stage: str, arch: dict, input_spec: dict, num_classes: int,
     ckpt = {"format": FORMAT, "stage": stage, "arch": arch, "input": input_spec,
             "num_classes": int(num_classes),
             "state_dict": {k: v.detach().cpu().clone() for k, v in state_dict.items()},
-            "decision": decision or {}, "metrics": metrics or {}, "history": history or []}
+            "decision": decision or Decision(), "metrics": metrics or {}, "history": history or []}
     ckpt.update(extra)
     return ckpt
 
@@ -47,6 +52,10 @@ def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> Path:
     """Write `ckpt` in full or not at all (temporary file beside it, then rename): a failure,
     a full disk included, is one `UserError` line and leaves the previous file as it was."""
     path = Path(path)
+    decision = ckpt.get("decision", Decision())
+    if not isinstance(decision, Decision):
+        raise TypeError(f"a checkpoint's decision is a Decision, not a {type(decision).__name__}")
+    ckpt = {**ckpt, "decision": decision.to_record()}
     _check_fields(ckpt, str(path), trust=False)
     directory = path.parent if str(path.parent) else Path(".")
     if not directory.is_dir():
@@ -70,7 +79,31 @@ def load_checkpoint(path: str | os.PathLike, stages: tuple[str, ...] = STAGES) -
     if ckpt["stage"] not in stages:
         raise UserError(f"{path}: stage '{ckpt['stage']}' checkpoint, this command needs "
                         f"{' or '.join(stages)}")
+    ckpt["decision"] = _read_decision(ckpt, path)
     return ckpt
+
+
+def build_arch(arch: dict) -> nn.Module:
+    """A fresh model of a checkpoint's architecture; a builder that refuses the record's
+    arguments is one `UserError` line, not its traceback."""
+    try:
+        return build_model(arch)
+    except UserError:
+        raise
+    except Exception as e:  # a builder rejecting its kwargs, for instance
+        raise UserError(f"cannot build the checkpoint's architecture {arch}: "
+                        f"{type(e).__name__}: {e}") from None
+
+
+def _read_decision(ckpt: dict, path: Path) -> Decision:
+    record = ckpt.get("decision", {})
+    if not record:
+        return Decision()
+    # Built only for its module tree: the names, output channels and BatchNorms to check against.
+    try:
+        return Decision.from_record(record, build_arch(ckpt["arch"]))
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
 
 
 # torch.save writes a zip archive; the legacy format opens with a pickled magic number.

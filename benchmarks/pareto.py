@@ -354,7 +354,7 @@ def run_one(job: Job, budget: Budget, fp_path: str, dep_row: dict | None) -> dic
             "searched_top1": searched["metrics"]["top1"], "bops": m["bops"],
             "ratio": fp_bops / m["bops"], "seconds": time.perf_counter() - t0,
             "decision": {n: {k: d[k] for k in ("w_bits", "a_bits", "a_signed", "kept")}
-                         for n, d in tuned["decision"].items()},
+                         for n, d in tuned["decision"].to_record().items()},
             "budget": asdict(budget), **extra, **code}
 
 

@@ -14,6 +14,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from abs_deploy import graph
 from abs_deploy.checkpoint import make_checkpoint
 from abs_deploy.data import Dataset, load_dataset
+from abs_deploy.decision import Decision, LayerDecision
 from abs_deploy.export.collapse import call_order
 from abs_deploy.fold import fold_bn
 from abs_deploy.models.registry import arch_record, create_model
@@ -55,14 +56,15 @@ def random_checkpoint(model_name: str, data: Dataset, *, seed: int = 0,
     kept = _random_kept(model, example, rng, prune, single_channel, prune_fraction)
     a_max, a_min = _input_ranges(model, order, batches)
 
-    decision, clips = {}, {}
+    layers, clips = {}, {}
     for name in order:
         w_bits, a_bits = fixed if fixed else (rng.choice(bits), rng.choice(bits))
         if edge_bits and name in (order[0], order[-1]):
             w_bits = a_bits = edge_bits
-        decision[name] = {"w_bits": w_bits, "a_bits": a_bits, "a_signed": a_min[name] < 0,
-                          "kept": kept.get(name, list(range(_out(model, name)))),
-                          "bn": norms[name]}
+        layers[name] = LayerDecision(w_bits, a_bits, a_min[name] < 0,
+                                     tuple(kept.get(name, range(_out(model, name)))),
+                                     norms[name])
+    decision = Decision(layers)
     if bn_folded:
         _fold_all(model, decision)
     for name in order:
@@ -140,13 +142,13 @@ def _input_ranges(model: nn.Module, order: list[str], batches: list[torch.Tensor
     return a_max, a_min
 
 
-def _fold_all(model: nn.Module, decision: dict) -> None:
+def _fold_all(model: nn.Module, decision: Decision) -> None:
     """The finetuned form: each decided layer's BN folded in, the BN module gone."""
     for name, d in decision.items():
-        if not d["bn"]:
+        if not d.bn:
             continue
         layer = model.get_submodule(name)
-        w, b, _ = fold_bn(layer.weight, layer.bias, model.get_submodule(d["bn"]))
+        w, b, _ = fold_bn(layer.weight, layer.bias, model.get_submodule(d.bn))
         layer.weight.copy_(w)
         layer.bias = nn.Parameter(b)
-        set_module(model, d["bn"], nn.Identity())
+        set_module(model, d.bn, nn.Identity())

@@ -93,8 +93,9 @@ def test_unwritable_output_folder_gives_one_line_and_exit_2(good, tmp_path):
 
 
 def _broken(good: Path, how: str) -> dict:
+    """A checkpoint as a file would hold it, with its plain decision record broken `how`."""
     ckpt = load_checkpoint(good)
-    decision = ckpt["decision"]
+    decision = ckpt["decision"] = ckpt["decision"].to_record()
     if how == "kept_out_of_range":
         decision["block1.conv1"]["kept"] = [0, 1, 99]
     elif how == "unknown_layer":
@@ -120,7 +121,8 @@ def _broken(good: Path, how: str) -> dict:
                                  "bad_bits", "unprunable_group", "producers_disagree",
                                  "missing_clip", "shape_mismatch"])
 def test_decision_that_does_not_fit_gives_one_line_and_exit_2(good, how, tmp_path):
-    path = save_checkpoint(_broken(good, how), tmp_path / "bad.pt")
+    path = tmp_path / "bad.pt"
+    torch.save(_broken(good, how), path)
     _one_line_error(_run(export_main, [path, "--skip-latency"]))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
 

@@ -57,7 +57,7 @@ def test_conv_weight_shapes_equal_the_kept_counts(exported, key):
         weight = node.input[1]
         if weight in producer:  # DequantizeLinear of the integer initializer
             weight = producer[weight].input[0]
-        assert shapes[weight][0] == len(ckpt["decision"][layer]["kept"])
+        assert shapes[weight][0] == len(ckpt["decision"][layer].kept)
 
 
 def test_every_quantized_layer_has_its_bits_in_names_and_clip_bounds(exported):
@@ -65,7 +65,7 @@ def test_every_quantized_layer_has_its_bits_in_names_and_clip_bounds(exported):
     model = onnx.load(result.files["onnx"])
     nodes = {n.name: n for n in model.graph.node}
     inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
-    for layer, d in ckpt["decision"].items():
+    for layer, d in ckpt["decision"].to_record().items():
         tag = f"{layer}.w{d['w_bits']}a{d['a_bits']}"
         assert tag in nodes
         clip = nodes.get(f"{tag}.act_clip")
@@ -98,7 +98,7 @@ def test_weights_are_integers_inside_their_range(exported):
         if init.name.endswith(".weight_q"):
             w = onnx.numpy_helper.to_array(init)
             d = ckpt["decision"][init.name[:-len(".weight_q")]]
-            bits = 7 if d["w_bits"] == 8 and (d["a_bits"] == 8 or d["a_signed"]) else d["w_bits"]
+            bits = 7 if d.w_bits == 8 and (d.a_bits == 8 or d.a_signed) else d.w_bits
             lo, hi = int_range(bits, True)
             assert w.dtype == np.int8 and w.min() >= lo and w.max() <= hi
 
@@ -107,7 +107,7 @@ def test_metadata_holds_the_decision(exported):
     ckpt, result, _ = exported
     meta = {p.key: p.value for p in onnx.load(result.files["onnx"]).metadata_props}
     decision = json.loads(meta["abs_deploy.decision"])
-    for layer, d in ckpt["decision"].items():
+    for layer, d in ckpt["decision"].to_record().items():
         assert decision[layer]["w_bits"] == d["w_bits"]
         assert decision[layer]["a_bits"] == d["a_bits"]
         assert decision[layer]["kept"] == d["kept"]

@@ -47,7 +47,7 @@ def test_the_float_file_has_no_integer_kernel(resnet20):
 
 def test_ort_never_fuses_four_bit_weights(resnet20):
     ckpt, results = resnet20
-    four_bit = sum(d["w_bits"] <= 4 for d in ckpt["decision"].values())
+    four_bit = sum(d.w_bits <= 4 for d in ckpt["decision"].values())
     ort = results["int4"].report["kernels"]["onnxruntime"]
     assert ort["integer_layers"] <= LAYERS - four_bit
     assert ort["weights_dequantized"] == ort["float_layers"] >= four_bit

@@ -55,9 +55,9 @@ def test_random_decision_passes_both_validation_modes(name, dataset, shape, kwar
     assert parity["ort_optimized"]["codes_max_diff"] <= 1
     stored = _weights(onnx.load(result.files["onnx"]))
     for layer, d in ckpt["decision"].items():
-        if d["w_bits"] < 32:
-            assert stored[layer][0] == len(d["kept"])
-    assert any(len(d["kept"]) == 1 for d in ckpt["decision"].values())
+        if d.w_bits < 32:
+            assert stored[layer][0] == len(d.kept)
+    assert any(len(d.kept) == 1 for d in ckpt["decision"].values())
 
 
 @pytest.mark.parametrize("name,dataset,fixed", [("digits_cnn", "digits", (32, 32)),

@@ -55,7 +55,7 @@ def main(out_dir: str, steps: int, sync_bn: bool, f64: bool, disagree: bool) -> 
     method = AbsMethod(net, fp_bops, 0.5, ctl, GATE_LR * 20, target, None)
     cfg = TrainConfig(epochs=1, lr=0.05, batch_size=GLOBAL_BATCH, sync_bn=sync_bn)
     fit(model, data, cfg, method)
-    decision = net.decision()
+    decision = net.decision().to_record()
     if disagree and dist.rank == 1:
         first_layer = next(iter(decision))
         decision[first_layer]["w_bits"] += 1

@@ -67,7 +67,7 @@ def test_differentiable_bops_equal_decision_bops_at_hard_gates(zoo_net, seed):
     arch, shape, _, net = zoo_net
     _scramble(net, seed)
     decision = net.decision()
-    assert any(len(d["kept"]) < net.layers[n].weight.shape[0] for n, d in decision.items())
+    assert any(len(d.kept) < net.layers[n].weight.shape[0] for n, d in decision.items())
     expected = bops.totals(bops.decision_bops(decision, arch, list(shape)))["bops"]
     assert net.bops().item() == expected
 
@@ -102,8 +102,8 @@ def test_pruned_groups_have_identical_kept_across_producers():
     net = to_superbit(model, torch.zeros(1, 1, 8, 8))
     _scramble(net, 3)
     d = net.decision()
-    assert d["block2.expand"]["kept"] == d["block2.dw"]["kept"]
-    assert len(d["block2.expand"]["kept"]) < 32
+    assert d["block2.expand"].kept == d["block2.dw"].kept
+    assert len(d["block2.expand"].kept) < 32
 
 
 def test_read_out_decision_reproduces_the_superbit_forward_exactly(digits):
@@ -133,7 +133,7 @@ def test_search_lands_within_tolerance_of_a_64x_target(fp_digits, small_digits):
     assert ckpt["stage"] == "searched" and ckpt["method"] == "abs"
     assert abs(ckpt["metrics"]["bops"] / target - 1) <= 0.05
     state = ckpt["state_dict"]
-    for name, d in ckpt["decision"].items():
+    for name, d in ckpt["decision"].to_record().items():
         assert {"w_bits", "a_bits", "a_signed", "kept", "bn"} <= set(d)
         assert state[f"{name}.w_clip"].shape == (len(state[f"{name}.weight"]),)
         assert state[f"{name}.a_clip"].dim() == 0
@@ -190,8 +190,8 @@ def test_pinned_search_keeps_the_uniform_decision_and_trains(fp_digits, small_di
     costs = bops.layer_costs(model_from_checkpoint(fp_digits), (1, 1, 8, 8))
     expected = bops.default_bits(costs, 4, 4, 8)
     for name, d in ckpt["decision"].items():
-        assert (d["w_bits"], d["a_bits"]) == expected[name]
-        assert len(d["kept"]) == dict((c.name, c.c_out) for c in costs)[name]
+        assert (d.w_bits, d.a_bits) == expected[name]
+        assert len(d.kept) == dict((c.name, c.c_out) for c in costs)[name]
     assert ckpt["metrics"]["bops"] == bops.totals(bops.bops_table(costs, expected))["bops"]
     fp_w = fp_digits["state_dict"]["block1.conv1.weight"]
     assert not torch.equal(ckpt["state_dict"]["block1.conv1.weight"], fp_w)
@@ -214,7 +214,7 @@ def test_projection_lands_in_the_band_when_single_moves_jump_over_it(ratio):
     net = to_superbit(model, torch.zeros(shape))
     fp_bops = bops.totals(bops.bops_table(bops.layer_costs(model, shape)))["bops"]
     net.freeze()
-    net.layers["head.0"].forced = (2, 8)
+    net.layers["head.0"].pinned_bits = (2, 8)
     data = load_dataset("synthetic")
     target = fp_bops / ratio
     project(net, data, target)

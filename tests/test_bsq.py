@@ -200,12 +200,12 @@ def test_bsq_checkpoint_is_a_complete_decision_export_can_read(bsq_digits, digit
     mag = extra["magnitude_bits"]
     for name, d in ckpt["decision"].items():
         c_out = state[f"{name}.weight"].shape[0]
-        assert d["kept"] == list(range(c_out)), "BSQ prunes no filter"
+        assert d.kept == tuple(range(c_out)), "BSQ prunes no filter"
         assert state[f"{name}.w_clip"].shape == (c_out,) and f"{name}.a_clip" in state
         if name in extra["edge_layers"]:
-            assert (d["w_bits"], d["a_bits"]) == (8, 8)
+            assert (d.w_bits, d.a_bits) == (8, 8)
             continue
-        assert d["w_bits"] == mag[name] + 1 and d["a_bits"] == 4
+        assert d.w_bits == mag[name] + 1 and d.a_bits == 4
         # The float weight is exactly what the planes represent, on the n+1-bit grid.
         n, s = mag[name], state[f"{name}.scale"]
         signed = state[f"{name}.pos"] - state[f"{name}.neg"]

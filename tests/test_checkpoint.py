@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 from abs_deploy.checkpoint import FORMAT, load_checkpoint, make_checkpoint, save_checkpoint
 from abs_deploy.errors import UserError
@@ -66,7 +67,7 @@ def test_foreign_torch_file_is_named_as_such(tmp_path):
 def test_newer_format_names_both_versions(tmp_path):
     ckpt = _ckpt()
     ckpt["format"] = "abs-deploy/9"
-    torch.save(ckpt, tmp_path / "n.pt")
+    torch.save({**ckpt, "decision": {}}, tmp_path / "n.pt")
     with pytest.raises(UserError, match="abs-deploy/9.*abs-deploy/1"):
         load_checkpoint(tmp_path / "n.pt")
 
@@ -75,3 +76,23 @@ def test_wrong_stage_is_refused(tmp_path):
     path = save_checkpoint(_ckpt(), tmp_path / "m.pt")
     with pytest.raises(UserError, match="stage 'fp'"):
         load_checkpoint(path, stages=("searched",))
+
+
+def test_decision_is_a_plain_record_in_the_file_and_a_decision_once_read(tmp_path):
+    from abs_deploy.decision import Decision, LayerDecision
+
+    model = create_model("digits_cnn")
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    decision = Decision({n: LayerDecision(4, 8, n == "stem", tuple(range(m.weight.shape[0])))
+                         for n, m in layers.items()})
+    ckpt = {**_ckpt(), "stage": "searched", "decision": decision}
+    path = save_checkpoint(ckpt, tmp_path / "s.pt")
+    raw = torch.load(path, weights_only=True)["decision"]
+    assert raw == decision.to_record() and isinstance(raw["stem"]["kept"], list)
+    loaded = load_checkpoint(path)["decision"]
+    assert isinstance(loaded, Decision) and loaded == decision and list(loaded) == list(layers)
+
+
+def test_saving_a_raw_record_in_place_of_a_decision_is_a_programming_error(tmp_path):
+    with pytest.raises(TypeError, match="Decision"):
+        save_checkpoint({**_ckpt(), "decision": {}}, tmp_path / "m.pt")

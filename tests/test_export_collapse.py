@@ -2,7 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from abs_deploy.checkpoint import make_checkpoint
+from abs_deploy.checkpoint import load_checkpoint, make_checkpoint
+from abs_deploy.decision import Decision
 from abs_deploy.errors import UserError
 from abs_deploy.export.collapse import collapse
 from abs_deploy.fold import fold_bn
@@ -14,8 +15,10 @@ ARCH = arch_record("digits_cnn")
 SHAPE = [1, 1, 8, 8]
 
 
-def _checkpoint(bits=(4, 4), seed=0, **extra) -> dict:
-    """Every layer at `bits`, nothing pruned, clips from the weights and a fixed input range."""
+def _checkpoint(bits=(4, 4), seed=0, record_change=None, **extra) -> dict:
+    """Every layer at `bits`, nothing pruned, clips from the weights and a fixed input range.
+    `record_change` edits the plain decision record, which the checkpoint then holds as it is:
+    what a file would hold (`load_checkpoint` reads it)."""
     torch.manual_seed(seed)
     model = build_model(ARCH).eval()
     for m in model.modules():
@@ -34,7 +37,12 @@ def _checkpoint(bits=(4, 4), seed=0, **extra) -> dict:
             state[f"{name}.w_clip"] = m.weight.abs().flatten(1).amax(1)
             state[f"{name}.a_clip"] = torch.tensor(3.0)
     spec = {"shape": SHAPE, "mean": [0.0], "std": [1.0], "dataset": "digits"}
-    return make_checkpoint("searched", ARCH, spec, 10, state, decision, **extra)
+    if record_change is not None:
+        record_change(decision)
+        return {**make_checkpoint("searched", ARCH, spec, 10, state, **extra),
+                "decision": decision}
+    return make_checkpoint("searched", ARCH, spec, 10, state,
+                           Decision.from_record(decision, model), **extra)
 
 
 def _training_model(ckpt: dict) -> nn.Module:
@@ -44,14 +52,14 @@ def _training_model(ckpt: dict) -> nn.Module:
     state = ckpt["state_dict"]
     for name, d in ckpt["decision"].items():
         layer = model.get_submodule(name)
-        if d["w_bits"] < 32:
+        if d.w_bits < 32:
             shape = (-1,) + (1,) * (layer.weight.dim() - 1)
             clip = (state[f"{name}.w_clip"].abs() + 1e-8).view(shape)
-            layer.weight.data = fake_quant(layer.weight.data, clip, d["w_bits"], True)
-        if d["a_bits"] < 32:
+            layer.weight.data = fake_quant(layer.weight.data, clip, d.w_bits, True)
+        if d.a_bits < 32:
             a_clip = state[f"{name}.a_clip"].abs() + 1e-8
             layer.register_forward_pre_hook(
-                lambda m, i, a=a_clip, d=d: (fake_quant(i[0], a, d["a_bits"], d["a_signed"]),))
+                lambda m, i, a=a_clip, d=d: (fake_quant(i[0], a, d.a_bits, d.a_signed),))
     return model
 
 
@@ -104,7 +112,7 @@ def test_eight_bit_weights_meeting_eight_bit_or_signed_inputs_keep_seven_bits():
 
 def test_masked_channels_are_zero_in_every_model_but_the_original():
     ckpt = _checkpoint((4, 4))
-    ckpt["decision"]["block1.conv1"]["kept"] = [0, 2, 5]
+    ckpt["decision"] = ckpt["decision"].replace("block1.conv1", kept=(0, 2, 5))
     col = collapse(ckpt)
     for model in (col.masked_float, col.reference):
         layer = model.get_submodule("block1.conv1")
@@ -113,13 +121,33 @@ def test_masked_channels_are_zero_in_every_model_but_the_original():
 
 
 @pytest.mark.parametrize("change,message", [
+    (lambda r: r.pop("fc"), "no entry for layer 'fc'"),
+    (lambda r: r.update(extra=dict(r["fc"])), "'extra'"),
+    (lambda r: r["fc"].update(kept=[3, 1]), "sorted"),
+    (lambda r: r["fc"].update(kept=[]), "empty"),
+    (lambda r: r["head"].update(a_bits=1), "a_bits"),
+])
+def test_a_decision_record_that_does_not_fit_is_refused_when_the_file_is_read(
+        change, message, tmp_path):
+    """Every stage reads the decision through `load_checkpoint`, which checks it once."""
+    torch.save(_checkpoint(record_change=change), tmp_path / "bad.pt")
+    with pytest.raises(UserError, match=f"bad.pt: .*{message}") as err:
+        load_checkpoint(tmp_path / "bad.pt")
+    assert "\n" not in str(err.value)
+
+
+def test_a_bn_that_is_not_the_one_after_its_layer_is_refused_by_export():
+    """Only a graph capture tells which BatchNorm follows a layer: export's check."""
+    ckpt = _checkpoint()
+    ckpt["decision"] = ckpt["decision"].replace("head", bn="bn")
+    with pytest.raises(UserError, match="bn is 'bn' but the BatchNorm directly after head is "
+                                        "'bn_head'"):
+        collapse(ckpt)
+
+
+@pytest.mark.parametrize("change,message", [
     (lambda c: c.update(stage="fp"), "searched or finetuned"),
-    (lambda c: c["decision"].pop("fc"), "no entry for layer 'fc'"),
-    (lambda c: c["decision"].update(extra=dict(c["decision"]["fc"])), "'extra'"),
-    (lambda c: c["decision"]["fc"].update(kept=[3, 1]), "sorted"),
-    (lambda c: c["decision"]["fc"].update(kept=[]), "empty"),
-    (lambda c: c["decision"]["head"].update(a_bits=1), "a_bits"),
-    (lambda c: c["decision"]["head"].update(bn="bn"), "BatchNorm directly after"),
+    (lambda c: c.update(decision=Decision()), "no decision record"),
     (lambda c: c["state_dict"].pop("head.w_clip"), "head.w_clip"),
     (lambda c: c["state_dict"].pop("head.weight"), "lacks"),
     (lambda c: c["state_dict"].update({"ghost.weight": torch.zeros(1)}), "ghost.weight"),

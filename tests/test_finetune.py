@@ -24,8 +24,8 @@ def abs_searched(fp_digits, small_digits):
                       refine_epochs=0)
     # Prune one group by hand so the masks are exercised whatever the short search chose.
     d = ckpt["decision"]
-    if len(d["block1.conv1"]["kept"]) == 16:
-        d["block1.conv1"]["kept"] = list(range(12))
+    if len(d["block1.conv1"].kept) == 16:
+        ckpt["decision"] = d.replace("block1.conv1", kept=tuple(range(12)))
     return ckpt
 
 
@@ -57,7 +57,7 @@ def test_pruned_channels_stay_exactly_zero_after_finetune(abs_searched, small_di
     model.block1.conv1.register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
     with torch.no_grad():
         model(next(small_digits.batches("val", 32))[0])
-    pruned = sorted(set(range(16)) - set(tuned["decision"]["block1.conv1"]["kept"]))
+    pruned = sorted(set(range(16)) - set(tuned["decision"]["block1.conv1"].kept))
     assert pruned
     # attach_masks puts the mask on the layer itself once BN is folded away.
     assert seen["out"][:, pruned].abs().max() == 0

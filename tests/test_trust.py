@@ -125,7 +125,7 @@ def test_the_users_say_so_is_what_stands_between_the_file_and_its_code(fp, tmp_p
 ])
 def test_arch_records_are_checked_strictly_before_anything(fp, tmp_path, arch, says):
     path = tmp_path / "odd.pt"
-    torch.save({**fp, "arch": arch}, path)
+    torch.save({**fp, "decision": {}, "arch": arch}, path)
     with pytest.raises(UserError, match=says) as refused:
         load_checkpoint(path)
     assert "\n" not in str(refused.value)

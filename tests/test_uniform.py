@@ -21,10 +21,10 @@ def test_uniform_4bit_stays_within_1_5_points_and_records_a_full_decision(
     assert ck["metrics"]["top1"] >= fp_digits["metrics"]["top1"] - 0.015
     dec = ck["decision"]
     names = list(dec)
-    assert (dec[names[0]]["w_bits"], dec[names[-1]]["a_bits"]) == (8, 8)
-    assert all(dec[n]["w_bits"] == 4 and dec[n]["a_bits"] == 4 for n in names[1:-1])
-    assert dec["block1.conv1"]["bn"] == "block1.bn1" and not dec["block1.conv2"]["a_signed"]
-    assert dec["stem"]["a_signed"]   # normalised image input has negative values
+    assert (dec[names[0]].w_bits, dec[names[-1]].a_bits) == (8, 8)
+    assert all((dec[n].w_bits, dec[n].a_bits) == (4, 4) for n in names[1:-1])
+    assert dec["block1.conv1"].bn == "block1.bn1" and not dec["block1.conv2"].a_signed
+    assert dec["stem"].a_signed   # normalised image input has negative values
     costs = bops.layer_costs(model_from_checkpoint(fp_digits), (1, 1, 8, 8))
     expected = bops.totals(bops.bops_table(costs, bops.default_bits(costs, 4, 4)))["bops"]
     assert ck["metrics"]["bops"] == expected

@@ -26,6 +26,7 @@ from abs_deploy.cli.common import (
     training_processes,
 )
 from abs_deploy.data import DATASETS, dataset_for, load_dataset
+from abs_deploy.decision import FLOAT_BITS
 from abs_deploy.device import resolve_device
 from abs_deploy.distributed import Dist
 from abs_deploy.errors import UserError
@@ -220,8 +221,8 @@ def print_decision(ckpt: dict, target: float | None = None) -> None:
     click.echo(f"{'layer':<28} {'w':>2} {'a':>2} {'kept':>9} {'BOPs':>12}")
     for name, d in ckpt["decision"].items():
         r = rows[name]
-        click.echo(f"{name:<28} {d['w_bits']:>2} {d['a_bits']:>2} "
-                   f"{len(d['kept']):>4}/{r.c_out:<4} {fmt_count(r.bops):>12}")
+        click.echo(f"{name:<28} {d.w_bits:>2} {d.a_bits:>2} "
+                   f"{len(d.kept):>4}/{r.c_out:<4} {fmt_count(r.bops):>12}")
     m = ckpt["metrics"]
     aim = f"  (target {fmt_count(target)}, off by {100 * (m['bops'] / target - 1):+.1f}%)" \
         if target else ""
@@ -254,7 +255,7 @@ def bops_cmd(model, num_classes, input_shape, w_bits, a_bits, edge_bits, as_json
         shape = shape or default_input_shape(model)
         net = create_model(model, **data_kwargs(model, num_classes, shape[0]))
         rows = _uniform_rows(net, [1, *shape], w_bits, a_bits, edge_bits)
-    fp = sum(r.macs for r in rows) * bops.FP_BITS ** 2
+    fp = sum(r.macs for r in rows) * FLOAT_BITS ** 2
     tot = bops.totals(rows)
     if as_json:
         click.echo(json.dumps({"layers": bops.rows_as_dicts(rows), "macs": tot["macs"],

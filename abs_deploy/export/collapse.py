@@ -28,14 +28,13 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from abs_deploy import graph
+from abs_deploy.checkpoint import build_arch
+from abs_deploy.decision import FLOAT_BITS, QUANT_BITS, Decision, LayerDecision
 from abs_deploy.errors import UserError
 from abs_deploy.fold import fold_bn
-from abs_deploy.models.registry import build_model
 from abs_deploy.modules import set_module
 from abs_deploy.quant import int_range, quantize_int, scale, stored_weight_bits
 
-FLOAT_BITS = 32
-QUANT_BITS = range(2, 9)
 # The search side's quantizers use `|clip| + 1e-8` (search/qlayers.py); the same here, so the
 # integers are those training saw.
 CLIP_EPS = 1e-8
@@ -90,12 +89,12 @@ def collapse(ckpt: dict, reduce_range: bool = True) -> Collapsed:
         raise UserError(f"stage '{ckpt['stage']}' checkpoint: export needs a searched or "
                         "finetuned one (an fp checkpoint has no decision)")
     shape = _input_shape(ckpt)
-    model = _build(ckpt["arch"])
+    model = build_arch(ckpt["arch"])
     example = torch.zeros(shape)
     order = call_order(model, example)
     analysis = graph.Analysis(model, example)
     norms = analysis.following_norm()
-    layers = read_decision(ckpt.get("decision"), model, order, norms, reduce_range)
+    layers = read_decision(ckpt["decision"], model, order, norms, reduce_range)
     if ckpt.get("bn_folded"):
         _drop_folded_norms(model, layers)
     _load_weights(model, ckpt["state_dict"], layers)
@@ -103,12 +102,12 @@ def collapse(ckpt: dict, reduce_range: bool = True) -> Collapsed:
     model.eval()
 
     original = copy.deepcopy(model)
-    k_of = _fold_norms(model, layers)
+    bn_scales = _fold_norms(model, layers)
     _zero_pruned(model, layers)
     reference = copy.deepcopy(model)
     for name, lq in layers.items():
         set_module(reference, name, _integer_layer(reference.get_submodule(name), lq,
-                                                    clips[name], k_of[name]))
+                                                    clips[name], bn_scales[name]))
     notes = []
     reduced = [n for n, lq in layers.items() if lq.w_store_bits != lq.w_bits]
     if reduced:
@@ -137,68 +136,33 @@ def call_order(model: nn.Module, example: Tensor) -> list[str]:
     return list(dict.fromkeys(order))
 
 
-def read_decision(decision: object, model: nn.Module, order: list[str],
+def read_decision(decision: Decision, model: nn.Module, order: list[str],
                   norms: dict[str, str | None], reduce_range: bool = True
                   ) -> dict[str, LayerQuant]:
-    """Check the decision record against the architecture, layer by layer."""
-    if not isinstance(decision, dict) or not decision:
+    """The decision (checked against the architecture when its file was read) in call order,
+    with what export adds: that the forward pass calls every layer, that each `bn` is the
+    BatchNorm the graph shows directly after its layer, and how each layer's weights are
+    stored."""
+    if not decision:
         raise UserError("checkpoint has no decision record")
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-    unknown = [n for n in decision if n not in layers]
-    if unknown:
-        raise UserError(f"decision does not fit the architecture: it names {unknown[0]!r}, "
-                        "which is not a Conv2d/Linear of the model")
-    missing = [n for n in layers if n not in decision]
-    if missing:
-        raise UserError(f"decision does not fit the architecture: no entry for layer "
-                        f"{missing[0]!r}")
-    uncalled = [n for n in layers if n not in order]
+    uncalled = [n for n, m in model.named_modules()
+                if isinstance(m, (nn.Conv2d, nn.Linear)) and n not in order]
     if uncalled:
         raise UserError(f"layer {uncalled[0]!r} is never called by the model's forward pass")
-    out = {}
-    for name in order:
-        out[name] = _layer_quant(name, decision[name], layers[name], norms.get(name),
-                                 reduce_range)
-    return out
+    return {name: _layer_quant(name, decision[name], model.get_submodule(name), norms.get(name),
+                               reduce_range)
+            for name in order}
 
 
-def _layer_quant(name: str, d: object, module: nn.Module, norm: str | None,
+def _layer_quant(name: str, d: LayerDecision, module: nn.Module, norm: str | None,
                  reduce_range: bool) -> LayerQuant:
-    where = f"decision for {name}"
-    if not isinstance(d, dict):
-        raise UserError(f"{where} is not a record")
-    for key in ("w_bits", "a_bits", "a_signed", "kept"):
-        if key not in d:
-            raise UserError(f"{where} lacks '{key}'")
-    w_bits, a_bits = d["w_bits"], d["a_bits"]
-    for key, bits in (("w_bits", w_bits), ("a_bits", a_bits)):
-        if isinstance(bits, bool) or not isinstance(bits, int) or \
-                (bits not in QUANT_BITS and bits != FLOAT_BITS):
-            raise UserError(f"{where}: {key} must be 2..8 or 32, got {bits!r}")
-    total = module.weight.shape[0]
-    kept = d["kept"]
-    if not isinstance(kept, list) or not all(isinstance(i, int) and not isinstance(i, bool)
-                                             for i in kept):
-        raise UserError(f"{where}: kept must be a list of channel indices")
-    if not kept:
-        raise UserError(f"{where}: kept is empty; at least one output channel must remain")
-    if kept != sorted(set(kept)) or kept[0] < 0 or kept[-1] >= total:
-        raise UserError(f"{where}: kept must be sorted distinct indices in [0, {total}), "
-                        f"got {_short(kept)}")
-    bn = d.get("bn")
-    if bn != norm:
-        raise UserError(f"{where}: bn is {bn!r} but the BatchNorm directly after {name} is "
-                        f"{norm!r}")
-    is_conv = isinstance(module, nn.Conv2d)
-    a_signed = bool(d["a_signed"])
-    store = stored_weight_bits(w_bits, a_bits, a_signed, reduce_range) \
-        if w_bits in QUANT_BITS else w_bits
-    return LayerQuant(name, "conv" if is_conv else "linear", w_bits, a_bits, a_signed,
-                      tuple(kept), total, bn, store)
-
-
-def _short(items: list) -> str:
-    return str(items) if len(items) <= 8 else f"[{', '.join(map(str, items[:8]))}, ...]"
+    if d.bn != norm:
+        raise UserError(f"decision for {name}: bn is {d.bn!r} but the BatchNorm directly after "
+                        f"{name} is {norm!r}")
+    store = stored_weight_bits(d.w_bits, d.a_bits, d.a_signed, reduce_range) \
+        if d.w_bits in QUANT_BITS else d.w_bits
+    return LayerQuant(name, "conv" if isinstance(module, nn.Conv2d) else "linear", d.w_bits,
+                      d.a_bits, d.a_signed, d.kept, module.weight.shape[0], d.bn, store)
 
 
 def _input_shape(ckpt: dict) -> list[int]:
@@ -208,18 +172,6 @@ def _input_shape(ckpt: dict) -> list[int]:
             isinstance(s, int) and s > 0 for s in shape):
         raise UserError(f"checkpoint input shape must be [1, C, H, W], got {shape!r}")
     return [1, *shape[1:]]
-
-
-def _build(arch: object) -> nn.Module:
-    if not isinstance(arch, dict) or not ("name" in arch or "import" in arch):
-        raise UserError(f"checkpoint arch record is not understood: {arch!r}")
-    try:
-        return build_model(arch)
-    except UserError:
-        raise
-    except Exception as e:  # a builder rejecting its kwargs, for instance
-        raise UserError(f"cannot build the checkpoint's architecture {arch}: "
-                        f"{type(e).__name__}: {e}") from None
 
 
 def _drop_folded_norms(model: nn.Module, layers: dict[str, LayerQuant]) -> None:
@@ -278,13 +230,14 @@ def _tensor(state: dict, key: str, shape: tuple[int, ...]) -> Tensor:
 
 @torch.no_grad()
 def _fold_norms(model: nn.Module, layers: dict[str, LayerQuant]) -> dict[str, Tensor]:
-    """Fold each layer's BN into it (in place); the per-channel BN scale `k` of each layer."""
-    k_of = {}
+    """Fold each layer's BN into it (in place); the per-channel BN scale `k` of each layer
+    (ones where no BN follows), which the weight clip is multiplied by."""
+    bn_scales = {}
     for name, lq in layers.items():
         layer = model.get_submodule(name)
         bn = model.get_submodule(lq.bn) if lq.bn else None
         if not isinstance(bn, _BatchNorm):
-            k_of[name] = torch.ones(lq.total)
+            bn_scales[name] = torch.ones(lq.total)
             if layer.bias is None:
                 layer.bias = nn.Parameter(torch.zeros(lq.total))
             continue
@@ -292,10 +245,10 @@ def _fold_norms(model: nn.Module, layers: dict[str, LayerQuant]) -> dict[str, Te
         layer.weight = nn.Parameter(w)
         layer.bias = nn.Parameter(b)
         set_module(model, lq.bn, nn.Identity())
-        k_of[name] = k
+        bn_scales[name] = k
     for p in model.parameters():
         p.requires_grad_(False)
-    return k_of
+    return bn_scales
 
 
 @torch.no_grad()
@@ -312,12 +265,12 @@ def _zero_pruned(model: nn.Module, layers: dict[str, LayerQuant]) -> None:
 
 
 def _integer_layer(layer: nn.Module, lq: LayerQuant, clip: tuple[Tensor | None, Tensor | None],
-                   k: Tensor) -> nn.Module:
+                   bn_scale: Tensor) -> nn.Module:
     w_clip, a_clip = clip
     w, b = layer.weight.detach(), layer.bias.detach()
     codes = w_scale = a_scale = b_int = None
     if lq.w_quantized:
-        clip_eff = (w_clip.abs() + CLIP_EPS) * k.abs()
+        clip_eff = (w_clip.abs() + CLIP_EPS) * bn_scale.abs()
         s = scale(clip_eff, lq.w_store_bits, True)
         # A zero BN gamma zeroes the folded channel: any scale stores it (as code 0).
         s = torch.where(s > 0, s, torch.ones_like(s))

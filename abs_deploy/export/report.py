@@ -22,9 +22,10 @@ from pathlib import Path
 from torch import nn
 
 from abs_deploy import bops
+from abs_deploy.decision import FLOAT_BITS
 from abs_deploy.errors import UserError
 from abs_deploy.export import html_report, md_report, png_report
-from abs_deploy.export.collapse import FLOAT_BITS, LayerQuant
+from abs_deploy.export.collapse import LayerQuant
 from abs_deploy.export.latency import Timing, headline_setting, speedups
 from abs_deploy.export.qdq import ActQuant
 from abs_deploy.export.validate import ModeParity, PruneParity

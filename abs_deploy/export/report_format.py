@@ -11,10 +11,10 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 
+from abs_deploy.decision import FLOAT_BITS
+
 # How report.json writes "not quantized": bits at or above it are float. It is part of the file
 # format (abs-deploy-report/1), so it is fixed here rather than taken from the exporter, whose
-# collapse.FLOAT_BITS writes the same number (tests/test_report_format.py holds them together).
-FLOAT_BITS = 32
 
 MODEL_LABELS = {"fp_original": "FP original", "fp_pruned": "pruned FP", "qcdq": "QCDQ",
                 "fp_original_openvino": "FP original (OpenVINO)",

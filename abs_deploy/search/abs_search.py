@@ -38,13 +38,14 @@ from torch import Tensor, nn
 from abs_deploy import bops, graph
 from abs_deploy.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from abs_deploy.data import Dataset
+from abs_deploy.decision import Decision
 from abs_deploy.device import device_of
 from abs_deploy.distributed import current
 from abs_deploy.errors import UserError
 from abs_deploy.modules import get_module, set_module
 from abs_deploy.progress import Progress, no_progress
 from abs_deploy.search.controller import RELAY, ControllerGains, LambdaController
-from abs_deploy.search.qmodel import calibrate, model_from_checkpoint
+from abs_deploy.search.qmodel import calibrate, make_decision, model_from_checkpoint
 from abs_deploy.search.superbit import (
     SUPERBIT_TYPES,
     TAU,
@@ -81,7 +82,7 @@ class GateGroup:
     depthwise: list[str]
     spatial: dict[str, int]
     masked: list[str]                 # modules whose output the mask multiplies (BN or layer)
-    forced: int | None = None         # kept count pinned by the projection step
+    pinned_kept: int | None = None    # kept count pinned by the projection step
     mask: Tensor | None = field(default=None, repr=False)
 
     @property
@@ -111,9 +112,9 @@ class SuperBitNet:
         return filter_norms([self.layers[p].weight for p in g.producers])
 
     def group_mask(self, g: GateGroup) -> Tensor:
-        if g.forced is not None:
+        if g.pinned_kept is not None:
             norms = self.norms(g)
-            keep = torch.argsort(norms, descending=True, stable=True)[:g.forced]
+            keep = torch.argsort(norms, descending=True, stable=True)[:g.pinned_kept]
             mask = norms.new_zeros(g.channels)
             mask[keep] = 1.0
             return mask
@@ -151,13 +152,8 @@ class SuperBitNet:
                 out[p] = [int(i) for i in idx]
         return out
 
-    def decision(self) -> dict[str, dict]:
-        kept = self.kept()
-        return {n: {"w_bits": int(m.w_bits), "a_bits": int(m.a_bits),
-                    "a_signed": bool(m.a_signed),
-                    "kept": kept.get(n, list(range(m.weight.shape[0]))),
-                    "bn": self.bn_of.get(n)}
-                for n, m in self.layers.items()}
+    def decision(self) -> Decision:
+        return make_decision(self.model, self.bn_of, self.kept(), self.order)
 
     def histogram(self) -> str:
         """`w 2:3 4:5 8:2  a ...  pruned 12/96` for the progress display."""
@@ -214,16 +210,16 @@ class SuperBitNet:
                 if bits[0] not in m.candidates or bits[1] not in m.candidates:
                     raise UserError(f"pinned bits {bits} are not among the candidates "
                                     f"{m.candidates}")
-                m.forced = tuple(bits)
+                m.pinned_bits = tuple(bits)
         for g in self.groups:
-            g.forced = g.channels
+            g.pinned_kept = g.channels
 
     def freeze(self) -> None:
         """Pin the current hard decision (bits and kept counts); gates stop moving."""
         for m in self.layers.values():
-            m.forced = (m.w_bits, m.a_bits)
+            m.pinned_bits = (m.w_bits, m.a_bits)
         for g in self.groups:
-            g.forced = int(self.group_mask(g).sum())
+            g.pinned_kept = int(self.group_mask(g).sum())
 
 
 def to_superbit(model: nn.Module, example_input: Tensor,
@@ -286,15 +282,9 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
     `lsq_scale=False` trains the clips without LSQ's gradient scale, as the search did before
     (for the ablation that measured it). `swap_samples` > 0 runs `swap` after the projection.
     `gains` sets the lam controller; `on_step(bops, lam)` sees every step."""
-    cands = tuple(int(b) for b in candidates)
-    if list(cands) != sorted(set(cands)) or cands[0] < 1 or cands[-1] > 8:
-        raise UserError(f"candidates must be distinct ascending bitwidths in 1..8, got {cands}")
     if pin_bits is not None:
         target_bops, lam = None, 0.0
-    if target_bops is None and lam is None:
-        raise UserError("give a BOP target or a fixed lam")
-    if not 0 <= max_prune < 1:
-        raise UserError(f"max_prune must be in [0, 1), got {max_prune}")
+    cands = _check_settings(candidates, target_bops, lam, max_prune)
     model = model_from_checkpoint(fp_ckpt).to(data.device)
     fp_top1 = evaluate(model, data, "test")
     costs = bops.layer_costs(model, data.input_shape)
@@ -318,11 +308,7 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
     logs = fit(model, data, cfg, method, progress, on_epoch_end, resume)
 
     searched_bops = net.bops().item()
-    moves = project(net, data, target_bops, tolerance) if ctl is not None else 0
-    swapped = (swap(net, data, target_bops, tolerance, swap_samples)
-               if ctl is not None and swap_samples else None)
-    net.freeze()
-    _agree(net)
+    moves, swapped = _settle(net, data, target_bops, tolerance, swap_samples)
     if refine_epochs > 0:
         logs += _refine(net, data, cfg, refine_epochs, progress)
     decision = net.decision()
@@ -331,6 +317,19 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
                                candidates=list(cands), max_prune=max_prune,
                                search_bops=searched_bops, projection_moves=moves,
                                swap=swapped)
+
+
+def _check_settings(candidates: Sequence[int], target_bops: float | None, lam: float | None,
+                    max_prune: float) -> tuple[int, ...]:
+    """The candidate bitwidths as ints, once the settings are known to make a search."""
+    cands = tuple(int(b) for b in candidates)
+    if list(cands) != sorted(set(cands)) or cands[0] < 1 or cands[-1] > 8:
+        raise UserError(f"candidates must be distinct ascending bitwidths in 1..8, got {cands}")
+    if target_bops is None and lam is None:
+        raise UserError("give a BOP target or a fixed lam")
+    if not 0 <= max_prune < 1:
+        raise UserError(f"max_prune must be in [0, 1), got {max_prune}")
+    return cands
 
 
 def _superbit_net(model: nn.Module, data: Dataset, cands: tuple[int, ...], max_prune: float,
@@ -348,6 +347,19 @@ def _superbit_net(model: nn.Module, data: Dataset, cands: tuple[int, ...], max_p
         start_thresholds(net, (x for x, _ in islice(data.batches("train", 128, shuffle=True),
                                                     4)), gate_margin)
     return net
+
+
+def _settle(net: SuperBitNet, data: Dataset, target: float | None, tolerance: float,
+            swap_samples: int) -> tuple[int, dict | None]:
+    """The search's last hard decision, frozen and the same on every rank: with a target,
+    first projected into its band (and, with `swap_samples`, improved by equal-cost swaps).
+    Returns the projection's moves and the swap's summary."""
+    moves = project(net, data, target, tolerance) if target is not None else 0
+    swapped = (swap(net, data, target, tolerance, swap_samples)
+               if target is not None and swap_samples else None)
+    net.freeze()
+    _agree(net)
+    return moves, swapped
 
 
 class AbsMethod(Method):
@@ -401,7 +413,8 @@ class AbsMethod(Method):
     def end_epoch(self, epoch: int) -> dict:
         with torch.no_grad():
             cur = self.net.bops().item()
-        current().same_on_all_ranks({"decision": self.net.decision(), "lam": self.lam},
+        current().same_on_all_ranks({"decision": self.net.decision().to_record(),
+                                     "lam": self.lam},
                                     "the search's gates and lam")
         extra = {"bops": cur, "fp_ratio": self.fp_bops / cur, "lam": self.lam,
                  "bits": self.net.histogram()}
@@ -425,13 +438,13 @@ def _agree(net: SuperBitNet) -> None:
     """Rank 0's frozen decision on every rank, then checked: the projection measures losses,
     and on a GPU two ranks' sums may round differently and pick different moves."""
     dist = current()
-    forced = dist.broadcast({"layers": {n: list(m.forced) for n, m in net.layers.items()},
-                             "groups": {g.id: g.forced for g in net.groups}})
+    pinned = dist.broadcast({"layers": {n: list(m.pinned_bits) for n, m in net.layers.items()},
+                             "groups": {g.id: g.pinned_kept for g in net.groups}})
     for n, m in net.layers.items():
-        m.forced = tuple(forced["layers"][n])
+        m.pinned_bits = tuple(pinned["layers"][n])
     for g in net.groups:
-        g.forced = forced["groups"][g.id]
-    dist.same_on_all_ranks(net.decision(), "the searched decision")
+        g.pinned_kept = pinned["groups"][g.id]
+    dist.same_on_all_ranks(net.decision().to_record(), "the searched decision")
 
 
 class _Refine(Method):
@@ -490,16 +503,16 @@ def _check_target(net: SuperBitNet, target: float | None) -> None:
     if target is None:
         return
     hi = net.bops().item()
-    saved = {n: m.forced for n, m in net.layers.items()}
+    saved = {n: m.pinned_bits for n, m in net.layers.items()}
     for m in net.layers.values():
-        m.forced = (m.candidates[0], m.candidates[0])
+        m.pinned_bits = (m.candidates[0], m.candidates[0])
     for g in net.groups:
-        g.forced = g.channels - min(int(net.max_prune * g.channels), g.channels - 1)
+        g.pinned_kept = g.channels - min(int(net.max_prune * g.channels), g.channels - 1)
     lo = net.bops().item()
     for n, m in net.layers.items():
-        m.forced = saved[n]
+        m.pinned_bits = saved[n]
     for g in net.groups:
-        g.forced = None
+        g.pinned_kept = None
     if not lo <= target <= hi:
         raise UserError(f"BOP target {target / 1e6:,.2f} M is outside what this search space "
                         f"reaches ({lo / 1e6:,.2f} M .. {hi / 1e6:,.2f} M)")
@@ -647,17 +660,18 @@ def _moves(net: SuperBitNet, down: bool):
         if not m.searchable:
             continue
         for which in (0, 1):
-            idx = m.candidates.index(m.forced[which]) + sign
+            idx = m.candidates.index(m.pinned_bits[which]) + sign
             if 0 <= idx < len(m.candidates):
-                old = m.forced
+                old = m.pinned_bits
                 new = (m.candidates[idx], old[1]) if which == 0 else (old[0], m.candidates[idx])
-                yield (name, which), _setter(m, "forced", new), _setter(m, "forced", old)
+                yield (name, which), _setter(m, "pinned_bits", new), _setter(m, "pinned_bits", old)
     for g in net.groups:
         step = max(1, g.channels // 16)
         lo = g.channels - min(int(net.max_prune * g.channels), g.channels - 1)
-        new = min(max(g.forced + sign * step, lo), g.channels)
-        if new != g.forced:
-            yield ("group", g.id), _setter(g, "forced", new), _setter(g, "forced", g.forced)
+        new = min(max(g.pinned_kept + sign * step, lo), g.channels)
+        if new != g.pinned_kept:
+            yield (("group", g.id), _setter(g, "pinned_kept", new),
+                   _setter(g, "pinned_kept", g.pinned_kept))
 
 
 def _setter(obj: object, attr: str, value: object) -> Callable[[], None]:

@@ -93,8 +93,7 @@ def bsq_search(fp_ckpt: dict, data: Dataset, alpha: float, act_bits: int, cfg: T
             state.landing.append({"epoch": cfg.epochs, **final})
             recalibrate_bn(model, data, cfg.batch_size)
 
-    decision = make_decision(model, bn_of)
-    decision = {n: decision[n] for n in order}
+    decision = make_decision(model, bn_of, order=order)
     extra = {"alpha": alpha, "final_alpha": state.alpha, "act_bits": act_bits,
              "edge_bits": edge_bits, "edge_layers": sorted(edges),
              "requant_every": requant_every, "target_bops": target_bops,

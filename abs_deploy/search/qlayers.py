@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from abs_deploy.decision import FLOAT_BITS
 from abs_deploy.distributed import current
 from abs_deploy.quant import (
     fake_quant,
@@ -21,8 +22,6 @@ from abs_deploy.quant import (
     stored_weight_bits,
     weight_clip_shape,
 )
-
-FLOAT_BITS = 32
 
 
 class _QuantMixin:

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from abs_deploy.decision import Decision, LayerDecision
 from abs_deploy.errors import UserError
 from abs_deploy.fold import fold_bn
 from abs_deploy.models.registry import build_model
@@ -70,18 +71,17 @@ def calibrate(model: nn.Module, batches: Iterable[Tensor], percentile: float = 0
         m.a_clip.fill_(max(torch.quantile(values, percentile).item(), 1e-4))
 
 
-def attach_masks(model: nn.Module, decision: Mapping[str, dict]) -> None:
+def attach_masks(model: nn.Module, decision: Decision) -> None:
     """Zero the pruned channels after each producer's BN (or after the layer when it has none),
     so a pruned channel is exactly zero and removing it later changes nothing."""
     for name, d in decision.items():
         layer = get_module(model, name)
         n_out = layer.weight.shape[0]
-        if len(d["kept"]) == n_out:
+        if len(d.kept) == n_out:
             continue
         mask = layer.weight.new_zeros(n_out)
-        mask[d["kept"]] = 1.0
-        bn = d.get("bn")
-        target = get_module(model, bn) if bn and _is_norm(get_module(model, bn)) else layer
+        mask[list(d.kept)] = 1.0
+        target = get_module(model, d.bn) if d.bn and _is_norm(get_module(model, d.bn)) else layer
         old = getattr(target, "_abs_mask_handle", None)
         if old is not None:
             old.remove()
@@ -100,11 +100,11 @@ def _is_norm(m: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def fold_batchnorm(model: nn.Module, decision: Mapping[str, dict]) -> None:
+def fold_batchnorm(model: nn.Module, decision: Decision) -> None:
     """Fold each layer's BN into its weights (the deployable form fine-tune trains). The weight
     clip follows the per-channel BN scale so the quantization grid starts where it was."""
     for name, d in decision.items():
-        bn_name = d.get("bn")
+        bn_name = d.bn
         if not bn_name or not _is_norm(get_module(model, bn_name)):
             continue
         layer, bn = get_module(model, name), get_module(model, bn_name)
@@ -118,33 +118,34 @@ def fold_batchnorm(model: nn.Module, decision: Mapping[str, dict]) -> None:
 
 
 def make_decision(model: nn.Module, bn_of: Mapping[str, str | None],
-                  kept: Mapping[str, list[int]] | None = None) -> dict[str, dict]:
-    """The decision record of a model of quantized layers (DESIGN §8)."""
+                  kept: Mapping[str, list[int]] | None = None,
+                  order: Iterable[str] | None = None) -> Decision:
+    """The decision of a model of quantized layers: their bits now, `kept` channels (default
+    all), listed in `order` (default: the modules' own order)."""
     kept = kept or {}
+    layers = quant_layers(model)
     out = {}
-    for name, m in quant_layers(model).items():
-        n_out = m.weight.shape[0]
-        out[name] = {"w_bits": int(m.w_bits), "a_bits": int(m.a_bits),
-                     "a_signed": bool(m.a_signed),
-                     "kept": [int(i) for i in kept.get(name, range(n_out))],
-                     "bn": bn_of.get(name)}
-    return out
+    for name in layers if order is None else order:
+        m = layers[name]
+        out[name] = LayerDecision(int(m.w_bits), int(m.a_bits), bool(m.a_signed),
+                                  tuple(int(i) for i in kept.get(name, range(m.weight.shape[0]))),
+                                  bn_of.get(name))
+    return Decision(out)
 
 
 def model_from_checkpoint(ckpt: dict) -> nn.Module:
     """Rebuild the trainable model a checkpoint describes and load its weights. Keys that belong
     to a search method's own parameters (gates, thresholds) are ignored; missing keys are not."""
     model = build_model(ckpt["arch"])
-    decision = ckpt.get("decision") or {}
+    decision: Decision = ckpt.get("decision") or Decision()
     if ckpt["stage"] == "fp" or not decision:
         model.load_state_dict(ckpt["state_dict"])
         return model
-    quantize_model(model, {n: (d["w_bits"], d["a_bits"]) for n, d in decision.items()},
-                   {n: d["a_signed"] for n, d in decision.items()})
+    quantize_model(model, decision.bits(), {n: d.a_signed for n, d in decision.items()})
     if ckpt.get("bn_folded"):
         for name, d in decision.items():
-            if d.get("bn"):
-                set_module(model, d["bn"], nn.Identity())
+            if d.bn:
+                set_module(model, d.bn, nn.Identity())
                 layer = get_module(model, name)
                 if layer.bias is None:
                     layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))

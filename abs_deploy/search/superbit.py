@@ -235,12 +235,12 @@ class _SuperBitMixin:
     weight: nn.Parameter
     candidates: tuple[int, ...]
     a_signed: bool
-    forced: tuple[int, int] | None
+    pinned_bits: tuple[int, int] | None
 
     def _init_superbit(self, candidates: Sequence[int], clip_bits: int | None = None) -> None:
         self.candidates = tuple(int(b) for b in candidates)
         self.a_signed = True
-        self.forced = None          # (w_bits, a_bits) pinned by the search's projection step
+        self.pinned_bits = None     # (w_bits, a_bits) pinned by the search's projection step
         self.lsq_scale = True       # LSQ's clip-gradient scale (False: the ablation's old path)
         n = len(self.candidates) - 1
         clip_bits = clip_bits or self.candidates[len(self.candidates) // 2]
@@ -268,8 +268,8 @@ class _SuperBitMixin:
 
     def w_gates(self) -> Tensor:
         n = len(self.candidates) - 1
-        if self.forced is not None:
-            return gates_for_level(self.candidates.index(self.forced[0]), n, self.w_thr.device)
+        if self.pinned_bits is not None:
+            return gates_for_level(self.candidates.index(self.pinned_bits[0]), n, self.w_thr.device)
         return step_ste(self.w_residuals() - self.w_thr)
 
     def w_residuals(self) -> Tensor:
@@ -283,8 +283,8 @@ class _SuperBitMixin:
 
     def a_gates(self) -> Tensor:
         n = len(self.candidates) - 1
-        if self.forced is not None:
-            return gates_for_level(self.candidates.index(self.forced[1]), n, self.a_thr.device)
+        if self.pinned_bits is not None:
+            return gates_for_level(self.candidates.index(self.pinned_bits[1]), n, self.a_thr.device)
         return step_ste(self.a_m - self.a_thr)
 
     def w_bits_t(self) -> Tensor:
@@ -316,7 +316,7 @@ class _SuperBitMixin:
 
     def quant_input(self, x: Tensor) -> Tensor:
         clip = self._a_clip()
-        if self.training and self.searchable and self.forced is None:
+        if self.training and self.searchable and self.pinned_bits is None:
             self._track_residuals(x, clip)
         return super_quant(x, clip, self.a_gates(), self.candidates, self.a_signed,
                            self.lsq_scale, current().world)

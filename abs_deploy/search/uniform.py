@@ -10,6 +10,7 @@ import torch
 from abs_deploy import bops, graph
 from abs_deploy.checkpoint import make_checkpoint
 from abs_deploy.data import Dataset
+from abs_deploy.decision import Decision
 from abs_deploy.progress import Progress, no_progress
 from abs_deploy.search.qlayers import mse_weight_clip
 from abs_deploy.search.qmodel import (
@@ -58,7 +59,7 @@ def prepare_quantizers(model: torch.nn.Module, data: Dataset, n_batches: int = 4
     calibrate(model, (x for x, _ in islice(data.batches("train", 128, shuffle=True), n_batches)))
 
 
-def searched_checkpoint(fp_ckpt: dict, model: torch.nn.Module, decision: dict, data: Dataset,
+def searched_checkpoint(fp_ckpt: dict, model: torch.nn.Module, decision: Decision, data: Dataset,
                         costs: list[bops.LayerCost], fp_top1: float, logs: list,
                         method: str, stage: str = "searched", **extra) -> dict:
     """A `searched` checkpoint with measured accuracy and the decision's BOPs."""
