@@ -15,7 +15,6 @@ from abs_deploy import graph
 from abs_deploy.checkpoint import make_checkpoint
 from abs_deploy.data import Dataset, load_dataset
 from abs_deploy.decision import Decision, LayerDecision
-from abs_deploy.export.collapse import call_order
 from abs_deploy.fold import fold_bn
 from abs_deploy.models.registry import arch_record, create_model
 from abs_deploy.modules import set_module
@@ -51,7 +50,7 @@ def random_checkpoint(model_name: str, data: Dataset, *, seed: int = 0,
     batches = [x for x, _ in islice(data.batches("train", 32, shuffle=True, seed=seed), 2)]
     _measure_bn(model, batches, rng)
     example = torch.zeros(data.input_shape)
-    order = call_order(model, example)
+    order = graph.layer_order(model, example)
     norms = graph.following_norm(model, example)
     kept = _random_kept(model, example, rng, prune, single_channel, prune_fraction)
     a_max, a_min = _input_ranges(model, order, batches)

@@ -91,10 +91,9 @@ def collapse(ckpt: dict, reduce_range: bool = True) -> Collapsed:
     shape = _input_shape(ckpt)
     model = build_arch(ckpt["arch"])
     example = torch.zeros(shape)
-    order = call_order(model, example)
     analysis = graph.Analysis(model, example)
-    norms = analysis.following_norm()
-    layers = read_decision(ckpt["decision"], model, order, norms, reduce_range)
+    layers = read_decision(ckpt["decision"], model, analysis.layer_order(),
+                           analysis.following_norm(), reduce_range)
     if ckpt.get("bn_folded"):
         _drop_folded_norms(model, layers)
     _load_weights(model, ckpt["state_dict"], layers)
@@ -116,24 +115,6 @@ def collapse(ckpt: dict, reduce_range: bool = True) -> Collapsed:
                      + ", ".join(reduced))
     return Collapsed(original, model, reference.eval(), layers, shape, analysis.groups(),
                      notes)
-
-
-@torch.no_grad()
-def call_order(model: nn.Module, example: Tensor) -> list[str]:
-    """Conv2d/Linear names in the order the forward pass first calls them (one eager pass:
-    cheaper than another graph capture)."""
-    order: list[str] = []
-    handles = [m.register_forward_hook(lambda mod, i, o, name=n: order.append(name))
-               for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    model.eval()
-    try:
-        model(example)
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-    return list(dict.fromkeys(order))
 
 
 def read_decision(decision: Decision, model: nn.Module, order: list[str],
