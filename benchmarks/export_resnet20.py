@@ -7,9 +7,10 @@ random weights, so accuracies mean nothing here; time and latency do not depend 
 the wall time includes Python start-up and imports. The latency table is the one of the last
 run's report (ONNX Runtime, optionally OpenVINO too).
 
-    python benchmarks/export_resnet20.py [--repeats 3] [--openvino]
+    python benchmarks/export_resnet20.py [--repeats 3] [--openvino] [--weights int4]
 
-writes benchmarks/results/export_resnet20{,_openvino}.{json,md}. Run it on an otherwise idle
+writes benchmarks/results/export_resnet20{,_openvino}{,_int4}.{json,md}, each with the file
+sizes and what each runtime runs the layers on (the report's "kernels"). Run it on an otherwise idle
 machine: the ratios between artifacts survive some load (the models take turns run by run), wall
 times do not.
 """
@@ -50,6 +51,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--openvino", action="store_true",
                     help="also --check-runtime openvino (its latency rows too)")
+    ap.add_argument("--weights", choices=("int8", "int4"), default="int8",
+                    help="abs-export --weights (int4: packed 4-bit weight initializers)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
     # abs-export runs with torch's default thread count, the one recorded here; the latency
@@ -66,29 +69,34 @@ def main() -> None:
             cmd = [str(exe), str(ckpt), "--onnx", "-o", str(out / "model.onnx")]
             if args.openvino:
                 cmd += ["--check-runtime", "openvino"]
+            cmd += ["--weights", args.weights]
             t0 = time.perf_counter()
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             walls.append(time.perf_counter() - t0)
             report = json.loads((out / "report.json").read_text())
+            sizes = {p.name: p.stat().st_size for p in sorted(out.iterdir())
+                     if p.suffix in (".onnx", ".ort")}
             print(f"run {i + 1}: {walls[-1]:.1f} s wall", flush=True)
     # commit and command also at the top level: that is where a reader (and the repository's
     # hook) looks first.
     result = {"commit": prov["commit"], "command": prov["command"], "provenance": prov,
               "wall_s": walls, "wall_median_s": statistics.median(walls),
               "steps_s": report["seconds"], "latency": report["latency"],
-              "totals": report["totals"],
+              "totals": report["totals"], "kernels": report.get("kernels"), "bytes": sizes,
               "load_avg_end": [round(v, 2) for v in os.getloadavg()],
               "export_command": "abs-export ck.pt --onnx" + (" --check-runtime openvino"
-                                                             if args.openvino else "")}
+                                                             if args.openvino else "")
+              + f" --weights {args.weights}"}
     args.results.mkdir(parents=True, exist_ok=True)
-    stem = "export_resnet20_openvino" if args.openvino else "export_resnet20"
+    stem = ("export_resnet20" + ("_openvino" if args.openvino else "")
+            + ("_int4" if args.weights == "int4" else ""))
     (args.results / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.results / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
 
 
 def markdown(r: dict) -> str:
-    from abs_deploy.export.report_format import model_label
+    from abs_deploy.export.report_format import kernel_sentences, model_label
 
     lat = r["latency"]
     lines = ["# abs-export on ResNet-20 (digits32), half the inner channels pruned, 4/4 bits", "",
@@ -111,6 +119,9 @@ def markdown(r: dict) -> str:
     t = r["totals"]["ratios"]
     lines += ["", f"BOPs {t['bops']:.1f}x fewer, MACs {t['macs']:.2f}x, parameters "
               f"{t['params']:.2f}x, file {t['file_bytes']:.1f}x smaller than the FP original.", "",
+              "Files: " + ", ".join(f"{name} {size:,} bytes"
+                                    for name, size in r.get("bytes", {}).items()), "",
+              *(f"- {k}" for k in kernel_sentences(r.get("kernels"))), "",
               provenance_markdown(r["provenance"])]
     return "\n".join(lines)
 
