@@ -74,35 +74,14 @@ def random_checkpoint(model_name: str, data: Dataset, *, seed: int = 0,
         clips[f"{name}.a_clip"] = torch.tensor(max(a_max[name], 1e-3))
         clips[f"{name}.gate_threshold"] = torch.tensor(0.0)  # a search method's extra key
     if with_streams:
-        clips.update(_stream_clips(model, example, batches))
+        clips.update({f"{n}.clip": torch.tensor(v)
+                      for n, v in streams.calibrate(model, example, batches).items()})
     state = {**model.state_dict(), **clips}
     spec = data.input_spec()
     extra = {streams.CHECKPOINT_KEY: True} if with_streams else {}
     return make_checkpoint("finetuned" if bn_folded else "searched", arch, spec,
                            data.num_classes, state, decision, metrics={}, history=[],
                            bn_folded=bn_folded, method="random", **extra)
-
-
-def _stream_clips(model: nn.Module, example: torch.Tensor, batches: list[torch.Tensor]
-                  ) -> dict[str, torch.Tensor]:
-    """Each stream quantizer's clip: the largest magnitude it reads on `batches`, 3% wider.
-    Not exactly a layer's input clip over the same tensor: that makes the layer's grid the
-    stream's times 16, so one code in 16 requantizes to an exact tie, which OpenVINO rounds
-    otherwise than half to even (measured: 2.4% of such a layer's codes one apart)."""
-    marked = streams.insert(model, example, streams.StreamMarker).eval()
-    top = dict.fromkeys(streams.names(marked), 0.0)
-
-    def hook_for(name):
-        def hook(module, inputs):
-            top[name] = max(top[name], inputs[0].abs().max().item())
-        return hook
-
-    handles = [marked.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in top]
-    for x in batches:
-        marked(x)
-    for h in handles:
-        h.remove()
-    return {f"{n}.clip": torch.tensor(max(1.03 * v, 1e-3)) for n, v in top.items()}
 
 
 def _out(model: nn.Module, name: str) -> int:
