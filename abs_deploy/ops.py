@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import torch
 
+from abs_deploy import streams
+
 aten = torch.ops.aten
 
 
@@ -118,6 +120,8 @@ OPS: dict[object, Op] = {
     aten.constant_pad_nd: Op("pad"),
     aten.slice: Op("slice"),
     aten.select: Op("slice"),
+    # a residual-stream quantizer's marker in a float model (streams.py): identity, 0 -> 0
+    streams.MARKER: Op("passthrough", "stream_quant"),
 }
 
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from abs_deploy import graph
+from abs_deploy import graph, streams
 from abs_deploy.checkpoint import make_checkpoint
 from abs_deploy.data import Dataset, load_dataset
 from abs_deploy.decision import Decision, LayerDecision
@@ -35,12 +35,13 @@ def random_checkpoint(model_name: str, data: Dataset, *, seed: int = 0,
                       bits: tuple[int, ...] = (2, 4, 8), fixed: tuple[int, int] | None = None,
                       prune: bool = True, single_channel: bool = True, bn_folded: bool = False,
                       prune_fraction: float | None = None, edge_bits: int | None = None,
-                      **model_kwargs) -> dict:
+                      with_streams: bool = False, **model_kwargs) -> dict:
     """A checkpoint in the convention export consumes (see the module docstring).
 
     `fixed=(w, a)` gives every layer those bits (32 = float); else each tensor draws from
     `bits`. `edge_bits` then sets the first and last layer. `prune_fraction` prunes that share
-    of every prunable group instead of a random one.
+    of every prunable group instead of a random one. `with_streams` adds residual-stream
+    quantizers (streams.py) with clips calibrated on the same batches.
     """
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -71,11 +72,15 @@ def random_checkpoint(model_name: str, data: Dataset, *, seed: int = 0,
         clips[f"{name}.w_clip"] = w.abs().flatten(1).amax(1).clamp_min(1e-8)
         clips[f"{name}.a_clip"] = torch.tensor(max(a_max[name], 1e-3))
         clips[f"{name}.gate_threshold"] = torch.tensor(0.0)  # a search method's extra key
+    if with_streams:
+        clips.update({f"{n}.clip": torch.tensor(v)
+                      for n, v in streams.calibrate(model, example, batches).items()})
     state = {**model.state_dict(), **clips}
     spec = data.input_spec()
+    extra = {streams.CHECKPOINT_KEY: True} if with_streams else {}
     return make_checkpoint("finetuned" if bn_folded else "searched", arch, spec,
                            data.num_classes, state, decision, metrics={}, history=[],
-                           bn_folded=bn_folded, method="random")
+                           bn_folded=bn_folded, method="random", **extra)
 
 
 def _out(model: nn.Module, name: str) -> int:

@@ -3,6 +3,7 @@ import dataclasses
 import pytest
 import torch
 
+from abs_deploy import streams
 from abs_deploy.errors import UserError
 from abs_deploy.search.abs_search import abs_search
 from abs_deploy.search.finetune import finetune
@@ -72,3 +73,20 @@ def test_finetune_accepts_a_uniform_searched_checkpoint(fp_digits, small_digits)
 def test_finetune_refuses_an_fp_checkpoint(fp_digits, small_digits):
     with pytest.raises(UserError, match="searched"):
         finetune(fp_digits, small_digits, TrainConfig(epochs=1))
+
+
+def test_finetune_with_streams_trains_them_and_the_checkpoint_reloads(abs_searched,
+                                                                      small_digits):
+    tuned = finetune(abs_searched, small_digits, TrainConfig(epochs=1, lr=0.01),
+                     with_streams=True)
+    assert tuned["streams"] is True
+    clips = [k for k in tuned["state_dict"] if k.startswith("stream_quant.")]
+    assert clips and all(k.endswith(".clip") for k in clips)
+    model = model_from_checkpoint(tuned)
+    assert len(streams.names(model)) == len(clips)
+    assert evaluate(model, small_digits, "test") == pytest.approx(tuned["metrics"]["top1"])
+
+
+def test_finetune_without_streams_writes_no_streams_key(abs_searched, small_digits):
+    tuned = finetune(abs_searched, small_digits, TrainConfig(epochs=1, lr=0.01))
+    assert "streams" not in tuned and not streams.names(model_from_checkpoint(tuned))

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from abs_deploy import graph
+from abs_deploy import graph, streams
 from abs_deploy.checkpoint import build_arch
 from abs_deploy.decision import FLOAT_BITS, QUANT_BITS, Decision, LayerDecision
 from abs_deploy.errors import UserError
@@ -80,6 +80,9 @@ class Collapsed:
     # three models share its channel structure (a folded BN is an Identity in them).
     groups: list[graph.ChannelGroup] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # Residual-stream quantizers (streams.py), in graph order: markers in the float models,
+    # `IntStreamQuant` in the reference. Empty for a checkpoint without "streams".
+    streams: list[str] = field(default_factory=list)
 
 
 def collapse(ckpt: dict, reduce_range: bool = True) -> Collapsed:
@@ -91,13 +94,18 @@ def collapse(ckpt: dict, reduce_range: bool = True) -> Collapsed:
     shape = _input_shape(ckpt)
     model = build_arch(ckpt["arch"])
     example = torch.zeros(shape)
+    if ckpt.get(streams.CHECKPOINT_KEY):
+        # Before anything reads the graph: the channel walk and torch.export see the markers.
+        model = streams.insert(model, example, streams.StreamMarker)
+    stream_names = streams.names(model)
     analysis = graph.Analysis(model, example)
     layers = read_decision(ckpt["decision"], model, analysis.layer_order(),
                            analysis.following_norm(), reduce_range)
     if ckpt.get("bn_folded"):
         _drop_folded_norms(model, layers)
-    _load_weights(model, ckpt["state_dict"], layers)
+    _load_weights(model, ckpt["state_dict"], [*layers, *stream_names])
     clips = _read_clips(ckpt["state_dict"], layers)
+    stream_scales = _stream_scales(ckpt["state_dict"], model)
     model.eval()
 
     original = copy.deepcopy(model)
@@ -107,14 +115,19 @@ def collapse(ckpt: dict, reduce_range: bool = True) -> Collapsed:
     for name, lq in layers.items():
         set_module(reference, name, _integer_layer(reference.get_submodule(name), lq,
                                                     clips[name], bn_scales[name]))
+    streams.replace(reference, lambda name, marker: IntStreamQuant(
+        StreamSpec(name, marker.bits, marker.signed), stream_scales[name]))
     notes = []
     reduced = [n for n, lq in layers.items() if lq.w_store_bits != lq.w_bits]
     if reduced:
         notes.append(f"{len(reduced)} layer(s) with 8-bit weights and 8-bit or signed inputs "
                      "store 7-bit weights (int16 saturation of ORT's u8s8 kernels on AVX2): "
                      + ", ".join(reduced))
+    if stream_names:
+        notes.append(f"{len(stream_names)} residual-stream quantizer(s) of "
+                     f"{streams.STREAM_BITS} bits on the tensors that meet residual adds")
     return Collapsed(original, model, reference.eval(), layers, shape, analysis.groups(),
-                     notes)
+                     notes, stream_names)
 
 
 def read_decision(decision: Decision, model: nn.Module, order: list[str],
@@ -166,7 +179,9 @@ def _drop_folded_norms(model: nn.Module, layers: dict[str, LayerQuant]) -> None:
             layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
 
 
-def _load_weights(model: nn.Module, state: object, layers: dict[str, LayerQuant]) -> None:
+def _load_weights(model: nn.Module, state: object, owners: list[str]) -> None:
+    """Load `state`; keys under an owner's name (a layer or a stream quantizer) that the
+    architecture lacks are the search method's own parameters (clips, gate thresholds)."""
     if not isinstance(state, dict):
         raise UserError("checkpoint state_dict is not a dict of tensors")
     try:
@@ -180,7 +195,7 @@ def _load_weights(model: nn.Module, state: object, layers: dict[str, LayerQuant]
         raise UserError(f"checkpoint lacks {len(missing)} weight(s) of its architecture, "
                         f"e.g. {missing[0]}")
     # Search methods keep their own parameters (clips, gate thresholds) under a layer's name.
-    foreign = [k for k in unexpected if not any(k.startswith(f"{n}.") for n in layers)]
+    foreign = [k for k in unexpected if not any(k.startswith(f"{n}.") for n in owners)]
     if foreign:
         raise UserError(f"checkpoint holds {len(foreign)} tensor(s) the architecture lacks, "
                         f"e.g. {foreign[0]}")
@@ -197,6 +212,16 @@ def _read_clips(state: dict, layers: dict[str, LayerQuant]
             a_clip = _tensor(state, f"{name}.a_clip", ()).reshape(())
         clips[name] = (w_clip, a_clip)
     return clips
+
+
+def _stream_scales(state: dict, model: nn.Module) -> dict[str, Tensor]:
+    """Each stream quantizer's scale from its trained clip, as `streams.StreamQuant` uses it."""
+    out = {}
+    for name in streams.names(model):
+        marker = model.get_submodule(name)
+        clip = _tensor(state, f"{name}.clip", ()).reshape(())
+        out[name] = scale(clip.abs() + CLIP_EPS, marker.bits, marker.signed)
+    return out
 
 
 def _tensor(state: dict, key: str, shape: tuple[int, ...]) -> Tensor:
@@ -333,3 +358,32 @@ class IntLinear(_Integer, nn.Linear):
 
 
 INTEGER_TYPES = (IntConv2d, IntLinear)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """A stream quantizer's bits, in the names `qdq.activation` reads off a layer's."""
+
+    name: str
+    a_bits: int
+    a_signed: bool
+
+    @property
+    def tag(self) -> str:
+        return f"a{self.a_bits}"
+
+
+class IntStreamQuant(nn.Module):
+    """A frozen residual-stream quantizer: the integer codes QuantizeLinear (+ Clip) stores,
+    times the scale, which is what the DequantizeLinear after it gives every reader."""
+
+    def __init__(self, lq: StreamSpec, a_scale: Tensor) -> None:
+        super().__init__()
+        self.lq = lq
+        self.register_buffer("a_scale", a_scale.detach().clone().reshape(()))
+
+    def input_codes(self, x: Tensor) -> Tensor:
+        return quantize_int(x, self.a_scale, self.lq.a_bits, self.lq.a_signed)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.input_codes(x) * self.a_scale

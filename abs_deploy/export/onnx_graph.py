@@ -289,6 +289,18 @@ class _Translator:
             return x, None, None
         return x.args[0], bounds[0], bounds[1]
 
+    def _stream_quant(self, node: Node) -> str:
+        """A residual-stream quantizer (streams.py): Q/[Clip]/DQ on the tensor itself, which all
+        its readers then read; identity in the float files (no integer twin given)."""
+        name = node.args[1]
+        m = self.integer.get(name)
+        if m is None:
+            return self._t(node.args[0])
+        src, c_min, c_max = self._quant_source(node.args[0])
+        aq = qdq.activation(self.b, self._t(src), m.lq, m.a_scale, (c_min, c_max))
+        self.quant[name] = aq
+        return aq.output
+
     def _batch_norm(self, node: Node) -> object:
         x, w, b, mean, var = node.args[:5]
         if node.target.overloadpacket is aten.batch_norm:

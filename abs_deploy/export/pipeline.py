@@ -185,7 +185,7 @@ class _Files:
         ep = capture(pruned.float_model, col.input_shape)
         fp32 = build_onnx(ep, col.input_shape, opset=opts.opset,
                           metadata={**meta, "abs_deploy.kind": "fp32-pruned"}).model
-        integer = {n: pruned.reference.get_submodule(n) for n in col.layers}
+        integer = {n: pruned.reference.get_submodule(n) for n in [*col.layers, *col.streams]}
         qcdq = build_onnx(ep, col.input_shape, opset=opts.opset, integer=integer,
                           weights=opts.weights, metadata=meta)
         original = build_onnx(capture(col.original, col.input_shape), col.input_shape,

@@ -33,7 +33,7 @@ from abs_deploy.export.onnx_builder import GraphBuilder
 from abs_deploy.quant import int_range
 
 if TYPE_CHECKING:
-    from abs_deploy.export.collapse import LayerQuant
+    from abs_deploy.export.collapse import LayerQuant, StreamSpec
 
 CODES = np.uint8  # every activation's codes, signed ones offset (see `zero_point`)
 INT4_MAX_BITS = 4
@@ -59,7 +59,7 @@ class ActQuant:
         return (self.quantize,) if self.clip is None else (self.quantize, self.clip)
 
 
-def node_name(lq: LayerQuant, role: str | None = None) -> str:
+def node_name(lq: LayerQuant | StreamSpec, role: str | None = None) -> str:
     base = f"{lq.name}.{lq.tag}"
     return base if role is None else f"{base}.{role}"
 
@@ -78,9 +78,10 @@ def zero_point(a_bits: int, signed: bool) -> int:
     return 2 ** (a_bits - 1) if signed else 0
 
 
-def activation(b: GraphBuilder, x: str, lq: LayerQuant, a_scale: torch.Tensor,
+def activation(b: GraphBuilder, x: str, lq: LayerQuant | StreamSpec, a_scale: torch.Tensor,
                clamp: tuple[float | None, float | None] = (None, None)) -> ActQuant:
-    """QuantizeLinear -> [Clip] -> DequantizeLinear in front of layer `lq`, reading `x`."""
+    """QuantizeLinear -> [Clip] -> DequantizeLinear in front of layer `lq` (or on residual
+    stream `lq`), reading `x`."""
     lo, hi = int_range(lq.a_bits, lq.a_signed)
     folded = None
     if clamp != (None, None):

@@ -6,14 +6,17 @@ quantization grid after training."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import islice
 
-from abs_deploy import bops
+import torch
+
+from abs_deploy import bops, streams
 from abs_deploy.checkpoint import make_checkpoint
 from abs_deploy.data import Dataset
 from abs_deploy.errors import UserError
 from abs_deploy.models.registry import build_model
 from abs_deploy.progress import Progress, no_progress
-from abs_deploy.search.qmodel import fold_batchnorm, model_from_checkpoint
+from abs_deploy.search.qmodel import add_streams, fold_batchnorm, model_from_checkpoint
 from abs_deploy.train import (
     EpochLog,
     TrainConfig,
@@ -24,15 +27,22 @@ from abs_deploy.train import (
 
 
 def finetune(ckpt: dict, data: Dataset, cfg: TrainConfig, progress: Progress = no_progress,
-             on_epoch_end: Callable[[EpochLog], None] | None = None) -> dict:
+             on_epoch_end: Callable[[EpochLog], None] | None = None,
+             with_streams: bool = False) -> dict:
     """Train a `searched` checkpoint's decision (any method: uniform, abs, bsq) with BN folded;
-    returns a `finetuned` checkpoint (`bn_folded=True`) with the best-validation weights."""
+    returns a `finetuned` checkpoint (`bn_folded=True`) with the best-validation weights.
+    `with_streams` (off by default, #15) adds 8-bit residual-stream quantizers (streams.py),
+    calibrated on training batches and trained with the rest; the checkpoint says so."""
     if ckpt.get("stage") != "searched" or not ckpt.get("decision"):
         raise UserError(f"fine-tune needs a searched checkpoint with a decision record, got "
                         f"stage '{ckpt.get('stage')}'")
     model = model_from_checkpoint(ckpt)
     if not ckpt.get("bn_folded"):
         fold_batchnorm(model, ckpt["decision"])
+    if with_streams and not ckpt.get(streams.CHECKPOINT_KEY):
+        batches = [x.cpu() for x, _ in islice(data.batches("train", 64, shuffle=True,
+                                                           seed=cfg.seed), 4)]
+        model = add_streams(model, torch.zeros(data.input_shape), batches)
     model.to(data.device)
     start_top1 = evaluate(model, data, "test")
     logs = train(model, data, cfg, progress, on_epoch_end=on_epoch_end)
@@ -48,7 +58,10 @@ def finetune(ckpt: dict, data: Dataset, cfg: TrainConfig, progress: Progress = n
                                                for log in logs]
     extra = {k: v for k, v in ckpt.items()
              if k not in ("format", "stage", "arch", "input", "num_classes", "state_dict",
-                          "decision", "metrics", "history", "method", "bn_folded", "resume")}
+                          "decision", "metrics", "history", "method", "bn_folded", "resume",
+                          streams.CHECKPOINT_KEY)}
+    if with_streams or ckpt.get(streams.CHECKPOINT_KEY):
+        extra[streams.CHECKPOINT_KEY] = True
     return make_checkpoint("finetuned", ckpt["arch"], ckpt["input"], ckpt["num_classes"],
                            model.state_dict(), ckpt["decision"], metrics, history,
                            method=method, bn_folded=True, **extra)

@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from abs_deploy import streams
 from abs_deploy.decision import Decision, LayerDecision
 from abs_deploy.errors import UserError
 from abs_deploy.fold import fold_bn
@@ -117,6 +118,17 @@ def fold_batchnorm(model: nn.Module, decision: Decision) -> None:
     attach_masks(model, decision)
 
 
+def add_streams(model: nn.Module, example: Tensor, batches: Iterable[Tensor]) -> nn.Module:
+    """`model` with trainable residual-stream quantizers (streams.py), their clips calibrated
+    on `batches` of training data. After BN folding: the clips see the deployed tensors."""
+    clips = streams.calibrate(model, example, batches)
+    out = streams.insert(model, example)
+    with torch.no_grad():
+        for name, clip in clips.items():
+            out.get_submodule(name).clip.fill_(clip)
+    return out
+
+
 def make_decision(model: nn.Module, bn_of: Mapping[str, str | None],
                   kept: Mapping[str, list[int]] | None = None,
                   order: Iterable[str] | None = None) -> Decision:
@@ -149,6 +161,8 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
                 layer = get_module(model, name)
                 if layer.bias is None:
                     layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
+    if ckpt.get(streams.CHECKPOINT_KEY):
+        model = streams.insert(model, torch.zeros(ckpt["input"]["shape"]))
     missing, _ = model.load_state_dict(ckpt["state_dict"], strict=False)
     if missing:
         raise UserError(f"checkpoint lacks {len(missing)} weights of its architecture, "

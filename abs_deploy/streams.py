@@ -1,0 +1,233 @@
+"""Quantized residual streams (#15): one 8-bit tensor quantizer on every tensor that meets a
+residual add, shared by search (fine-tune trains them) and export (the ONNX file and the
+integer reference carry them).
+
+Why: ONNX Runtime fuses a Conv into QLinearConv only when the Conv's one consumer is a
+QuantizeLinear, and an Add into QLinearAdd only with DequantizeLinear on both inputs and
+QuantizeLinear on its output (DESIGN §10). A conv whose output meets a residual add has no
+quantizer of its own, so it stays float and dequantizes its weights on every run. Here each such
+tensor gets ONE quantizer that all its readers read (a layer with its own input quantizer then
+requantizes from it, which the runtime still fuses).
+
+Where (`insert`), for every residual add (an add of two computed tensors of equal shape, found
+in the model's torch.fx graph, for any model): a quantizer on each operand that is not already
+a stream quantizer's output, and one on the result, placed after the add's ReLU/ReLU6/clamp
+when that is the add's only reader (unsigned then: the clamp is folded into the integer range),
+else on the add itself (signed). Names are `stream_quant.<k>` in graph order, so the same
+architecture always gets the same names and a checkpoint's state_dict reloads.
+
+The same module position holds one of three forms: `StreamQuant` (fake-quant with a learnable
+clip, trained), `StreamMarker` (identity in the float models, one `abs_deploy::stream_quant`
+node under torch.export that the op table passes channels through and export turns into
+Q/[Clip]/DQ) and export's frozen integer twin (export/collapse.py).
+
+BOPs are unchanged: they count MACs x b_w x b_a of the layers; a stream quantizer computes
+nothing but a rounding.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from abs_deploy.distributed import current
+from abs_deploy.errors import UserError
+from abs_deploy.quant import fake_quant
+
+STREAM_BITS = 8  # wide enough that a residual sum loses little; fuses in every runtime
+CONTAINER = "stream_quant"  # the ModuleList holding them: keys `stream_quant.<k>.clip`
+CHECKPOINT_KEY = "streams"  # a checkpoint with `"streams": True` has them
+
+
+@torch.library.custom_op("abs_deploy::stream_quant", mutates_args=())
+def stream_quant_marker(x: Tensor, name: str) -> Tensor:
+    """Identity: where stream quantizer `name` sits in a float model's exported graph."""
+    return x.clone()
+
+
+@stream_quant_marker.register_fake
+def _(x: Tensor, name: str) -> Tensor:
+    return torch.empty_like(x)
+
+
+MARKER = torch.ops.abs_deploy.stream_quant  # the op packet, as graph nodes' targets name it
+
+
+class StreamQuant(nn.Module):
+    """Trainable 8-bit per-tensor quantizer (DESIGN §3 activations: learnable clip, LSQ
+    gradients, unsigned after a ReLU-like producer)."""
+
+    def __init__(self, name: str, signed: bool, bits: int = STREAM_BITS) -> None:
+        super().__init__()
+        self.name, self.signed, self.bits = name, signed, bits
+        self.clip = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return fake_quant(x, self.clip.abs() + 1e-8, self.bits, self.signed, current().world)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, a{self.bits}{'s' if self.signed else 'u'}"
+
+
+class StreamMarker(nn.Module):
+    """The float models' form of a stream quantizer: identity, one node under torch.export."""
+
+    def __init__(self, name: str, signed: bool, bits: int = STREAM_BITS) -> None:
+        super().__init__()
+        self.name, self.signed, self.bits = name, signed, bits
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.ops.abs_deploy.stream_quant(x, self.name)
+
+
+def insert(model: nn.Module, example: Tensor,
+           factory: Callable[[str, bool], nn.Module] = StreamQuant) -> fx.GraphModule:
+    """`model` as a GraphModule with a stream quantizer (made by `factory(name, signed)`) on
+    every tensor that meets a residual add (module docstring). Parameters and buffers keep
+    their names. A model torch.fx cannot trace is a one-line `UserError`."""
+    gm = _trace(model)
+    was_training = gm.training
+    gm.eval()
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example)
+    gm.train(was_training)
+    places = _places(gm)
+    container = nn.ModuleList()
+    gm.add_module(CONTAINER, container)
+    for k, (node, signed) in enumerate(places):
+        name = f"{CONTAINER}.{k}"
+        container.append(factory(name, signed))
+        with gm.graph.inserting_after(node):
+            q = gm.graph.call_module(name, (node,))
+        node.replace_all_uses_with(q, delete_user_cb=lambda user, q=q: user is not q)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, example: Tensor, batches: Iterable[Tensor],
+              widen: float = 1.03) -> dict[str, float]:
+    """Each stream quantizer's clip for `model` (without them): the largest magnitude the
+    quantizer's tensor takes on `batches`, `widen` times. The max, not a percentile: 8 bits
+    have resolution to spare, and a residual sum clipped loses its identity path. Widened, so a
+    reader with its own input clip over the same tensor does not get a grid exactly 2^k times
+    the stream's: one code in 2^k would requantize to an exact tie, which OpenVINO rounds
+    otherwise than half to even (measured: 2.4% of such a layer's codes one apart)."""
+    marked = insert(model, example, StreamMarker)
+    was_training = marked.training
+    marked.eval()
+    top = dict.fromkeys(names(marked), 0.0)
+
+    def hook_for(name):
+        def hook(module, inputs):
+            top[name] = max(top[name], inputs[0].abs().max().item())
+        return hook
+
+    handles = [marked.get_submodule(n).register_forward_pre_hook(hook_for(n)) for n in top]
+    try:
+        for x in batches:
+            marked(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {n: max(widen * v, 1e-3) for n, v in top.items()}
+
+
+def names(model: nn.Module) -> list[str]:
+    """The stream quantizers' module names, in graph order (empty for a model without)."""
+    container = getattr(model, CONTAINER, None)
+    return [f"{CONTAINER}.{i}" for i in range(len(container))] if container is not None else []
+
+
+def replace(model: nn.Module, make: Callable[[str, nn.Module], nn.Module]) -> None:
+    """Swap every stream quantizer for `make(name, old)` (in place)."""
+    container = getattr(model, CONTAINER, None)
+    for i, old in enumerate(container or []):
+        container[i] = make(f"{CONTAINER}.{i}", old)
+
+
+class _Tracer(fx.Tracer):
+    """Layers stay single nodes even when they are quantized twins (subclasses of Conv2d and
+    Linear that fx would otherwise trace into, fake-quant arithmetic and all)."""
+
+    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        return isinstance(m, (nn.Conv2d, nn.Linear, StreamQuant, StreamMarker)) or \
+            super().is_leaf_module(m, qualified_name)
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    try:
+        graph = _Tracer().trace(model)
+        return fx.GraphModule(model, graph, type(model).__name__)
+    except Exception as e:  # fx raises many types; all mean "this forward is not traceable"
+        first = next((s for s in str(e).splitlines() if s.strip()), "")[:200]
+        raise UserError(f"cannot place residual-stream quantizers in {type(model).__name__}: "
+                        f"torch.fx cannot trace its forward ({type(e).__name__}: {first})"
+                        ) from None
+
+
+def _places(gm: fx.GraphModule) -> list[tuple[fx.Node, bool]]:
+    """(tensor, signed) of every quantizer to insert, in graph order, each tensor once."""
+    chosen: dict[fx.Node, bool] = {}
+    for node in gm.graph.nodes:
+        if not _is_residual_add(node):
+            continue
+        for operand in node.args[:2]:
+            chosen.setdefault(operand, not _nonnegative(gm, operand))
+        users = list(node.users)
+        if len(users) == 1 and _nonnegative(gm, users[0]):
+            chosen.setdefault(users[0], False)
+        else:
+            chosen.setdefault(node, True)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    return sorted(chosen.items(), key=lambda item: order[item[0]])
+
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+def _is_residual_add(node: fx.Node) -> bool:
+    """An add of two computed tensors (not a constant, bias or parameter) of equal shape."""
+    is_add = (node.op == "call_function" and node.target in _ADDS) or \
+        (node.op == "call_method" and node.target in ("add", "add_"))
+    if not is_add or len(node.args) < 2 or node.kwargs.get("alpha", 1) != 1:
+        return False
+    a, b = node.args[:2]
+    if not all(isinstance(v, fx.Node) and v.op != "get_attr" for v in (a, b)):
+        return False
+    shapes = [getattr(v.meta.get("tensor_meta"), "shape", None) for v in (a, b)]
+    return shapes[0] is not None and shapes[0] == shapes[1]
+
+
+_NONNEG_MODULES = (nn.ReLU, nn.ReLU6)
+_NONNEG_FUNCTIONS = {F.relu, torch.relu, F.relu6}
+
+
+def _nonnegative(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Does `node` clamp its input to >= 0 (ReLU, ReLU6, hardtanh/clamp with min >= 0)? A
+    quantizer after it is unsigned, and export folds the clamp into its integer range."""
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        return isinstance(m, _NONNEG_MODULES) or (
+            isinstance(m, nn.Hardtanh) and m.min_val >= 0)
+    if node.op == "call_method" and node.target in ("relu", "relu_"):
+        return True
+    if node.op == "call_method" and node.target in ("clamp", "clamp_", "clip"):
+        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+        return isinstance(lo, (int, float)) and lo >= 0
+    if node.op != "call_function":
+        return False
+    if node.target in _NONNEG_FUNCTIONS:
+        return True
+    if node.target in (torch.clamp, torch.clip, F.hardtanh):
+        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get(
+            "min", node.kwargs.get("min_val"))
+        return isinstance(lo, (int, float)) and lo >= 0
+    return False

@@ -1,0 +1,130 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from abs_deploy import graph, ops, streams
+from abs_deploy.errors import UserError
+from abs_deploy.models.registry import create_model
+
+
+class TinyResidual(nn.Module):
+    """stem -> block with an identity shortcut (add, then ReLU) -> block whose add has no ReLU
+    and a 1x1 projection shortcut -> head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.a1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.b1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.a2 = nn.Conv2d(8, 16, 3, padding=1)
+        self.short = nn.Conv2d(8, 16, 1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(self.b1(F.relu(self.a1(x))) + x)
+        x = self.a2(x) + self.short(x)
+        return self.fc(x.mean((2, 3)))
+
+
+def _placed(gm) -> list[tuple[str, bool]]:
+    """(what each quantizer reads, signed) in graph order."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target.startswith(streams.CONTAINER):
+            out.append((node.args[0].name, gm.get_submodule(node.target).signed))
+    return out
+
+
+def test_a_quantizer_on_each_add_operand_and_after_the_adds_relu():
+    gm = streams.insert(TinyResidual(), torch.randn(2, 3, 8, 8))
+    # stem's ReLU output (an operand, unsigned), b1's output (signed), the first add's ReLU
+    # (unsigned, shared by both readers), a2 and the shortcut (signed), the second add
+    # (no ReLU: on the add, signed).
+    assert _placed(gm) == [("relu", False), ("b1", True), ("relu_2", False), ("a2", True),
+                           ("short", True), ("add_1", True)]
+    assert streams.names(gm) == [f"stream_quant.{k}" for k in range(6)]
+
+
+def test_every_reader_of_a_quantized_tensor_reads_the_quantizer():
+    gm = streams.insert(TinyResidual(), torch.randn(2, 3, 8, 8))
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target.startswith(streams.CONTAINER):
+            assert list(node.args[0].users) == [node]
+
+
+def test_names_and_parameters_reload_from_a_state_dict():
+    model = TinyResidual()
+    a = streams.insert(model, torch.randn(2, 3, 8, 8))
+    with torch.no_grad():
+        a.stream_quant[3].clip.fill_(0.25)
+    b = streams.insert(TinyResidual(), torch.randn(2, 3, 8, 8))
+    b.load_state_dict(a.state_dict())
+    assert set(a.state_dict()) == set(model.state_dict()) | {
+        f"stream_quant.{k}.clip" for k in range(6)}
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(a(x), b(x))
+
+
+def test_the_quantizers_are_8_bit_fake_quant_and_the_markers_identity():
+    model = TinyResidual().eval()
+    x = torch.randn(2, 3, 8, 8)
+    marked = streams.insert(model, x, streams.StreamMarker)
+    assert torch.equal(marked(x), model(x))
+    fake = streams.insert(model, x)
+    assert all(q.bits == 8 for q in fake.stream_quant)
+    assert not torch.equal(fake(x), model(x))
+
+
+def test_a_model_without_residual_adds_gets_none():
+    gm = streams.insert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), torch.randn(1, 3, 8, 8))
+    assert streams.names(gm) == []
+
+
+def test_adds_of_a_constant_or_a_broadcast_are_not_residual():
+    class Biased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 1)
+            self.b = nn.Parameter(torch.zeros(1, 4, 1, 1))
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y + 1.0 + self.b + y.mean((2, 3), keepdim=True)
+
+    assert streams.names(streams.insert(Biased(), torch.randn(1, 3, 4, 4))) == []
+
+
+def test_a_model_torch_fx_cannot_trace_is_refused_in_one_line():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y + x if y.sum() > 0 else y
+
+    with pytest.raises(UserError, match="torch.fx cannot trace") as e:
+        streams.insert(DataDependent(), torch.randn(1, 3, 4, 4))
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name,count", [("resnet20", 21), ("mobilenetv2_cifar", 25)])
+def test_zoo_residual_models_get_their_streams(name, count):
+    model = create_model(name, num_classes=10)
+    gm = streams.insert(model, torch.randn(1, 3, 32, 32))
+    assert len(streams.names(gm)) == count
+
+
+def test_the_marker_is_one_passthrough_node_under_torch_export():
+    x = torch.randn(2, 3, 8, 8)
+    gm = streams.insert(TinyResidual(), x, streams.StreamMarker)
+    ep = graph.capture(gm, x)
+    marks = [n for n in ep.graph.nodes if n.op == "call_function"
+             and ops.op_of(n.target) is ops.OPS[streams.MARKER]]
+    assert [n.args[1] for n in marks] == streams.names(gm)
+    groups = graph.channel_groups(gm, x)
+    # b1's channels stay a prunable private group: the quantizers pass channels through.
+    assert any(g.prunable and g.producers == ["a1"] for g in groups)
