@@ -122,3 +122,20 @@ def test_killed_search_resumes_from_its_state_file(fp_digits_path, tmp_path):
 
 def _epochs(stdout: str) -> list[int]:
     return [int(line.split()[2]) for line in stdout.splitlines() if line.startswith("abs epoch")]
+
+
+def test_finetune_streams_flag_writes_a_checkpoint_with_stream_quantizers(tmp_path,
+                                                                          fp_digits_path):
+    """`abs finetune --streams`: the checkpoint says so and carries each quantizer's clip."""
+    from abs_deploy.checkpoint import load_checkpoint
+
+    searched, tuned = tmp_path / "searched.pt", tmp_path / "model.pt"
+    result = run("search", fp_digits_path, "--method", "uniform", "--epochs", "1",
+                 "--batch-size", "512", "-o", searched)
+    assert result.exit_code == 0, result.output
+    result = run("finetune", searched, "--streams", "--epochs", "1", "--batch-size", "512",
+                 "-o", tuned)
+    assert result.exit_code == 0, result.output
+    ckpt = load_checkpoint(tuned, stages=("finetuned",))
+    assert ckpt["streams"] is True
+    assert any(k.startswith("stream_quant.") and k.endswith(".clip") for k in ckpt["state_dict"])

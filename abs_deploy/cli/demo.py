@@ -23,15 +23,17 @@ TARGET = 64.0   # the BOP compression factor the demo searches for
 @click.option("--out", type=click.Path(file_okay=False), default="runs/demo", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--skip-export", is_flag=True, help="Stop after fine-tuning.")
+@click.option("--streams", is_flag=True,
+              help="Fine-tune with residual-stream quantizers (abs finetune --streams).")
 @guarded
-def demo(out, seed, skip_export):
+def demo(out, seed, skip_export, streams):
     """Pretrain, quantize uniformly (baseline), search with ABS at 64x, fine-tune, export."""
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = load_dataset("digits")
     steps = 4 if skip_export else 5
-    runs = _train(out, data, seed, steps)
+    runs = _train(out, data, seed, steps, streams)
     if not skip_export:
         runs.exported = _export(runs.model_path, steps)
     click.echo("")
@@ -52,7 +54,7 @@ class _Runs:
     exported: Any = None  # export.pipeline.ExportResult, imported only when exporting
 
 
-def _train(out: Path, data: Dataset, seed: int, steps: int) -> _Runs:
+def _train(out: Path, data: Dataset, seed: int, steps: int, streams: bool = False) -> _Runs:
     """Stages 1-4, each checkpoint written to `out` as it is made."""
     from abs_deploy.pretrain import pretrain
     from abs_deploy.search.abs_search import abs_search
@@ -77,7 +79,7 @@ def _train(out: Path, data: Dataset, seed: int, steps: int) -> _Runs:
 
     click.echo(f"== 4/{steps} fine-tune the chosen configuration (BN folded)")
     tuned = finetune(searched, data, TrainConfig(epochs=10, lr=0.005, seed=seed), progress,
-                     epoch_printer("finetune"))
+                     epoch_printer("finetune"), with_streams=streams)
     model_path = save_checkpoint(tuned, out / "model.pt")
     print_decision(tuned, target)
     return _Runs(fp, uni, searched, tuned, target, model_path)

@@ -167,11 +167,14 @@ def _run_search(method, fp, data, cfg, target, lam, cands, max_prune, alpha, act
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @checkpoint_data_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
+@click.option("--streams", is_flag=True,
+              help="Also quantize every tensor that meets a residual add (8 bits, trained), so "
+                   "the exported convs and adds all run on integer kernels.")
 @train_options()
 @model_code_options
 @guarded
-def finetune(checkpoint, dataset, data_dir, output, epochs, lr, batch_size, seed, device, workers,
-             sync_bn):
+def finetune(checkpoint, dataset, data_dir, output, streams, epochs, lr, batch_size, seed, device,
+             workers, sync_bn):
     """Train a searched configuration in its deployable form (BN folded, bits fixed)."""
     from abs_deploy.search.finetune import finetune as run
 
@@ -181,7 +184,7 @@ def finetune(checkpoint, dataset, data_dir, output, epochs, lr, batch_size, seed
     with training_processes(device) as (dist, device):
         data = dataset_for(searched["input"], data_dir, dataset).on(device, workers)
         ckpt = run(searched, data, _config("finetune", epochs, lr, batch_size, seed, sync_bn),
-                   progress, epoch_printer("finetune"))
+                   progress, epoch_printer("finetune"), with_streams=streams)
         _write(ckpt, output, dist)
     if dist.is_main:
         print_decision(ckpt)
