@@ -131,3 +131,26 @@ def test_missing_openvino_is_one_clear_line(checkpoint, monkeypatch, tmp_path):
                                               "--check-runtime", "openvino"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.stderr.strip().startswith("Error: OpenVINO is not installed")
+
+
+@needs_openvino
+def test_openvino_computes_residual_stream_adds_exactly(datasets, tmp_path):
+    """ResNet-20 with residual-stream quantizers (streams.py): each conv meeting a residual
+    add writes Q/DQ on its output, then the add, then the stream's Q/DQ. OpenVINO's CPU plugin
+    fuses that chain into one int8 conv and drops the rounding of the first quantizer
+    (top-1 agreement 70%); OVSession keeps the add's operands as outputs (see
+    openvino_runtime.residual_add_operands), and every layer still runs on integer kernels."""
+    ckpt = random_checkpoint("resnet20", datasets("digits32"), fixed=(4, 4), prune_fraction=0.5,
+                             edge_bits=8, single_channel=False, with_streams=True)
+    path = save_checkpoint(ckpt, tmp_path / "model.pt")
+    result = export_model(path, ExportOptions(output=tmp_path / "m.onnx", latency=False,
+                                              max_images=64, check_runtimes=("openvino",)))
+    ov = result.report["parity"]["openvino"]
+    assert ov["passed"] and ov["top1_agreement"] >= 0.995
+    assert ov["codes_max_diff"] <= 1
+    model = onnx.load(result.files["onnx"])
+    assert len(openvino_runtime.residual_add_operands(model)) == 2 * 9
+    kernels = result.report["kernels"]
+    assert (kernels["openvino"]["integer_layers"], kernels["openvino"]["float_layers"]) == (22, 0)
+    assert (kernels["onnxruntime"]["integer_layers"], kernels["onnxruntime"]["integer_adds"],
+            kernels["onnxruntime"]["weights_dequantized"]) == (22, 9, 0)
