@@ -154,3 +154,5 @@ def test_openvino_computes_residual_stream_adds_exactly(datasets, tmp_path):
     assert (kernels["openvino"]["integer_layers"], kernels["openvino"]["float_layers"]) == (22, 0)
     assert (kernels["onnxruntime"]["integer_layers"], kernels["onnxruntime"]["integer_adds"],
             kernels["onnxruntime"]["weights_dequantized"]) == (22, 9, 0)
+    # Whoever deploys the file on OpenVINO is told to do the same.
+    assert any("residual_add_operands" in n for n in result.report["notes"])
