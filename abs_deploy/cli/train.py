@@ -167,9 +167,10 @@ def _run_search(method, fp, data, cfg, target, lam, cands, max_prune, alpha, act
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
 @checkpoint_data_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
-@click.option("--streams", is_flag=True,
+@click.option("--streams/--no-streams", default=True, show_default=True,
               help="Also quantize every tensor that meets a residual add (8 bits, trained), so "
-                   "the exported convs and adds all run on integer kernels.")
+                   "the exported convs and adds all run on integer kernels; --no-streams for a "
+                   "model torch.fx cannot trace.")
 @train_options()
 @model_code_options
 @guarded
