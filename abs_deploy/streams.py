@@ -5,18 +5,20 @@ reference carry them).
 
 Why: ONNX Runtime fuses a Conv into QLinearConv only when the Conv's one consumer is a
 QuantizeLinear, and an Add into QLinearAdd only with DequantizeLinear on both inputs and
-QuantizeLinear on its output (DESIGN §10). A conv whose output meets a residual add, or goes
-through a pooling/mean/flatten/reshape before the next layer's input quantizer, has no
-quantizer of its own, so it stays float and dequantizes its weights on every run. Here each such
-tensor gets ONE quantizer that all its readers read (a layer with its own input quantizer then
-requantizes from it, which the runtime still fuses).
+QuantizeLinear on its output (DESIGN §10). A conv whose output meets a residual add, goes
+through a pooling/mean/flatten/reshape before the next layer's input quantizer, or is read by
+two layers (two QuantizeLinears) has no single quantizer of its own, so it stays float and
+dequantizes its weights on every run. Here each such tensor gets ONE quantizer that all its
+readers read (a layer with its own input quantizer then requantizes from it, which the runtime
+still fuses).
 
 Where (`insert`), found in the model's torch.fx graph, for any model:
 - for every residual add (an add of two computed tensors of equal shape): a quantizer on each
   operand that is not already a stream quantizer's output, and one on the result;
 - for every conv/linear layer (its BatchNorm, folded at export, counted in): one on its output
-  when some path from it reaches a quantizer through an op other than dropout/identity. Paths
-  that end at the graph's output need none: the classifier's logits stay float.
+  when some path from it reaches a quantizer through an op other than dropout/identity, or
+  when it reaches more than one (each reading layer has its own). Paths that end at the
+  graph's output need none: the classifier's logits stay float.
 Each is placed after the tensor's ReLU/ReLU6/clamp when that is its only reader (unsigned
 then: the clamp is folded into the integer range), else on the tensor itself (signed). Names
 are `stream_quant.<k>` in graph order, so the same architecture always gets the same names
@@ -183,7 +185,7 @@ def _trace(model: nn.Module) -> fx.GraphModule:
 def _places(gm: fx.GraphModule) -> list[tuple[fx.Node, bool]]:
     """(tensor, signed) of every quantizer to insert, in graph order, each tensor once: the
     residual adds' tensors first, so a layer output's walk to the next quantizer
-    (`_reaches_quantizer_through_an_op`) already ends at them."""
+    (`_needs_own_quantizer`) already ends at them."""
     chosen: dict[fx.Node, bool] = {}
     for node in gm.graph.nodes:
         if not _is_residual_add(node):
@@ -194,7 +196,7 @@ def _places(gm: fx.GraphModule) -> list[tuple[fx.Node, bool]]:
     for node in gm.graph.nodes:
         if _is_layer(gm, node):
             tensor, signed = _after_activation(gm, _after_norms(gm, node))
-            if tensor not in chosen and _reaches_quantizer_through_an_op(gm, tensor, chosen):
+            if tensor not in chosen and _needs_own_quantizer(gm, tensor, chosen):
                 chosen[tensor] = signed
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     return sorted(chosen.items(), key=lambda item: order[item[0]])
@@ -221,27 +223,27 @@ def _after_norms(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     return node
 
 
-def _reaches_quantizer_through_an_op(gm: fx.GraphModule, tensor: fx.Node,
-                                     chosen: dict[fx.Node, bool]) -> bool:
-    """Does some path from `tensor` reach a quantizer (a layer's input quantizer, or a stream
-    quantizer already `chosen`) through an op other than a dropout or identity? Then the layer
-    producing `tensor` has no quantizer as its only reader, and ONNX Runtime keeps it float
-    (pooling, mean, flatten, reshape ... in between). Paths that end at the graph's output (the
-    classifier's logits) need none."""
+def _needs_own_quantizer(gm: fx.GraphModule, tensor: fx.Node,
+                         chosen: dict[fx.Node, bool]) -> bool:
+    """Does the layer producing `tensor` lack one quantizer as its only reader, so that ONNX
+    Runtime keeps it float? Either some path from `tensor` reaches a quantizer (a layer's input
+    quantizer, or a stream quantizer already `chosen`) through an op other than a dropout or
+    identity (pooling, mean, flatten, reshape ...), or it reaches more than one: each reading
+    layer has its own QuantizeLinear. Paths that end at the graph's output (the classifier's
+    logits) need none."""
     stack = [(user, False) for user in tensor.users]
     seen: set[tuple[fx.Node, bool]] = set()
+    quantizers = 0
     while stack:
         node, through_op = stack.pop()
         if (node, through_op) in seen or node.op == "output":
             continue
         seen.add((node, through_op))
-        if _is_layer(gm, node):
-            if through_op:
-                return True
-            continue
-        through_op = through_op or not _is_passthrough(gm, node)
-        if node in chosen:  # its output is quantized: the path ends here
-            if through_op:
+        if not _is_layer(gm, node):
+            through_op = through_op or not _is_passthrough(gm, node)
+        if _is_layer(gm, node) or node in chosen:  # a quantizer: the path ends here
+            quantizers += 1
+            if through_op or quantizers > 1:
                 return True
             continue
         stack.extend((user, through_op) for user in node.users)

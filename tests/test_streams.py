@@ -171,3 +171,19 @@ def test_the_marker_is_one_passthrough_node_under_torch_export():
     groups = graph.channel_groups(gm, x)
     # b1's channels stay a prunable private group: the quantizers pass channels through.
     assert any(g.prunable and g.producers == ["a1"] for g in groups)
+
+
+def test_a_layer_read_by_two_layers_gets_one_quantizer_they_share():
+    class Fork(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.a, self.b = (nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1),
+                                         nn.Conv2d(4, 4, 1))
+
+        def forward(self, x):
+            x = F.relu(self.stem(x))
+            return torch.cat([self.a(x), self.b(x)], 1)
+
+    gm = streams.insert(Fork(), torch.randn(1, 3, 4, 4))
+    # two readers would mean two QuantizeLinears on stem's output: ORT fuses neither.
+    assert _placed(gm) == [("relu", False)]
