@@ -1,20 +1,28 @@
 """Quantized residual streams (#15): one 8-bit tensor quantizer on every tensor that meets a
-residual add, shared by search (fine-tune trains them) and export (the ONNX file and the
-integer reference carry them).
+residual add, and on every layer output that reaches the next quantizer only through another
+op, shared by search (fine-tune trains them) and export (the ONNX file and the integer
+reference carry them).
 
 Why: ONNX Runtime fuses a Conv into QLinearConv only when the Conv's one consumer is a
 QuantizeLinear, and an Add into QLinearAdd only with DequantizeLinear on both inputs and
-QuantizeLinear on its output (DESIGN §10). A conv whose output meets a residual add has no
-quantizer of its own, so it stays float and dequantizes its weights on every run. Here each such
-tensor gets ONE quantizer that all its readers read (a layer with its own input quantizer then
-requantizes from it, which the runtime still fuses).
+QuantizeLinear on its output (DESIGN §10). A conv whose output meets a residual add, goes
+through a pooling/mean/flatten/reshape before the next layer's input quantizer, or is read by
+two layers (two QuantizeLinears) has no single quantizer of its own, so it stays float and
+dequantizes its weights on every run. Here each such tensor gets ONE quantizer that all its
+readers read (a layer with its own input quantizer then requantizes from it, which the runtime
+still fuses).
 
-Where (`insert`), for every residual add (an add of two computed tensors of equal shape, found
-in the model's torch.fx graph, for any model): a quantizer on each operand that is not already
-a stream quantizer's output, and one on the result, placed after the add's ReLU/ReLU6/clamp
-when that is the add's only reader (unsigned then: the clamp is folded into the integer range),
-else on the add itself (signed). Names are `stream_quant.<k>` in graph order, so the same
-architecture always gets the same names and a checkpoint's state_dict reloads.
+Where (`insert`), found in the model's torch.fx graph, for any model:
+- for every residual add (an add of two computed tensors of equal shape): a quantizer on each
+  operand that is not already a stream quantizer's output, and one on the result;
+- for every conv/linear layer (its BatchNorm, folded at export, counted in): one on its output
+  when some path from it reaches a quantizer through an op other than dropout/identity, or
+  when it reaches more than one (each reading layer has its own). Paths that end at the
+  graph's output need none: the classifier's logits stay float.
+Each is placed after the tensor's ReLU/ReLU6/clamp when that is its only reader (unsigned
+then: the clamp is folded into the integer range), else on the tensor itself (signed). Names
+are `stream_quant.<k>` in graph order, so the same architecture always gets the same names
+and a checkpoint's state_dict reloads.
 
 The same module position holds one of three forms: `StreamQuant` (fake-quant with a learnable
 clip, trained), `StreamMarker` (identity in the float models, one `abs_deploy::stream_quant`
@@ -34,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from abs_deploy.distributed import current
 from abs_deploy.errors import UserError
@@ -174,20 +183,83 @@ def _trace(model: nn.Module) -> fx.GraphModule:
 
 
 def _places(gm: fx.GraphModule) -> list[tuple[fx.Node, bool]]:
-    """(tensor, signed) of every quantizer to insert, in graph order, each tensor once."""
+    """(tensor, signed) of every quantizer to insert, in graph order, each tensor once: the
+    residual adds' tensors first, so a layer output's walk to the next quantizer
+    (`_needs_own_quantizer`) already ends at them."""
     chosen: dict[fx.Node, bool] = {}
     for node in gm.graph.nodes:
         if not _is_residual_add(node):
             continue
         for operand in node.args[:2]:
             chosen.setdefault(operand, not _nonnegative(gm, operand))
-        users = list(node.users)
-        if len(users) == 1 and _nonnegative(gm, users[0]):
-            chosen.setdefault(users[0], False)
-        else:
-            chosen.setdefault(node, True)
+        chosen.setdefault(*_after_activation(gm, node))
+    for node in gm.graph.nodes:
+        if _is_layer(gm, node):
+            tensor, signed = _after_activation(gm, _after_norms(gm, node))
+            if tensor not in chosen and _needs_own_quantizer(gm, tensor, chosen):
+                chosen[tensor] = signed
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     return sorted(chosen.items(), key=lambda item: order[item[0]])
+
+
+def _after_activation(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, bool]:
+    """Where a quantizer of `node` goes: after its ReLU/ReLU6/clamp when that is its only
+    reader (unsigned: export folds the clamp into the integer range), else on `node` (signed)."""
+    users = list(node.users)
+    if len(users) == 1 and _nonnegative(gm, users[0]):
+        return users[0], False
+    return node, True
+
+
+def _after_norms(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """`node` followed through BatchNorms and Identities that are each its only reader: export
+    folds them into the layer, so the layer's output is what comes out of them."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if user.op != "call_module" or not isinstance(gm.get_submodule(user.target),
+                                                      (_BatchNorm, nn.Identity)):
+            break
+        node = user
+    return node
+
+
+def _needs_own_quantizer(gm: fx.GraphModule, tensor: fx.Node,
+                         chosen: dict[fx.Node, bool]) -> bool:
+    """Does the layer producing `tensor` lack one quantizer as its only reader, so that ONNX
+    Runtime keeps it float? Either some path from `tensor` reaches a quantizer (a layer's input
+    quantizer, or a stream quantizer already `chosen`) through an op other than a dropout or
+    identity (pooling, mean, flatten, reshape ...), or it reaches more than one: each reading
+    layer has its own QuantizeLinear. Paths that end at the graph's output (the classifier's
+    logits) need none."""
+    stack = [(user, False) for user in tensor.users]
+    seen: set[tuple[fx.Node, bool]] = set()
+    quantizers = 0
+    while stack:
+        node, through_op = stack.pop()
+        if (node, through_op) in seen or node.op == "output":
+            continue
+        seen.add((node, through_op))
+        if not _is_layer(gm, node):
+            through_op = through_op or not _is_passthrough(gm, node)
+        if _is_layer(gm, node) or node in chosen:  # a quantizer: the path ends here
+            quantizers += 1
+            if through_op or quantizers > 1:
+                return True
+            continue
+        stack.extend((user, through_op) for user in node.users)
+    return False
+
+
+def _is_layer(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """A conv or linear layer: the decided layers, each with its own input quantizer."""
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target),
+                                                   (nn.Conv2d, nn.Linear))
+
+
+def _is_passthrough(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Dropout and Identity: nothing in the exported (eval) graph."""
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target),
+                                                   (nn.Dropout, nn.Identity))
 
 
 _ADDS = {operator.add, operator.iadd, torch.add}

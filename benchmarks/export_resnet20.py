@@ -7,12 +7,14 @@ random weights, so accuracies mean nothing here; time and latency do not depend 
 the wall time includes Python start-up and imports. The latency table is the one of the last
 run's report (ONNX Runtime, optionally OpenVINO too).
 
-    python benchmarks/export_resnet20.py [--repeats 3] [--openvino] [--weights int4]
+    python benchmarks/export_resnet20.py [--repeats 3] [--openvino] [--weights int4] [--streams]
 
-writes benchmarks/results/export_resnet20{,_openvino}{,_int4}.{json,md}, each with the file
-sizes and what each runtime runs the layers on (the report's "kernels"). Run it on an otherwise idle
-machine: the ratios between artifacts survive some load (the models take turns run by run), wall
-times do not.
+writes benchmarks/results/export_resnet20{,_openvino}{,_int4}{,_streams}.{json,md}, each with
+the file sizes and what each runtime runs the layers on (the report's "kernels"). `--streams`
+builds the checkpoint with residual-stream quantizers (abs_deploy/streams.py), so ONNX Runtime
+runs every conv and residual add on integer kernels. Run it on an otherwise idle machine: the
+ratios between artifacts survive some load (the models take turns run by run), wall times do
+not.
 """
 
 from __future__ import annotations
@@ -35,14 +37,15 @@ INFLATED = ("Wall times and latencies are inflated by the other work; the speed 
             "models take turns run by run) are what to compare.")
 
 
-def build_checkpoint(path: Path) -> None:
+def build_checkpoint(path: Path, with_streams: bool = False) -> None:
     sys.path.insert(0, str(ROOT / "runtime_tests"))
     from rt_checkpoints import dataset_for, random_checkpoint
 
     from abs_deploy.checkpoint import save_checkpoint
 
     ckpt = random_checkpoint("resnet20", dataset_for("digits32"), fixed=(4, 4),
-                             prune_fraction=0.5, edge_bits=8, single_channel=False)
+                             prune_fraction=0.5, edge_bits=8, single_channel=False,
+                             with_streams=with_streams)
     save_checkpoint(ckpt, path)
 
 
@@ -53,6 +56,9 @@ def main() -> None:
                     help="also --check-runtime openvino (its latency rows too)")
     ap.add_argument("--weights", choices=("int8", "int4"), default="int8",
                     help="abs-export --weights (int4: packed 4-bit weight initializers)")
+    ap.add_argument("--streams", action="store_true",
+                    help="checkpoint with residual-stream quantizers (streams.py), so ORT "
+                    "fuses every conv and residual add")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
     # abs-export runs with torch's default thread count, the one recorded here; the latency
@@ -61,7 +67,7 @@ def main() -> None:
     exe = Path(sys.executable).with_name("abs-export")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "resnet20_half_w4a4.pt"
-        build_checkpoint(ckpt)
+        build_checkpoint(ckpt, args.streams)
         walls, report = [], {}
         for i in range(args.repeats):
             out = Path(tmp) / f"run{i}"
@@ -84,12 +90,13 @@ def main() -> None:
               "steps_s": report["seconds"], "latency": report["latency"],
               "totals": report["totals"], "kernels": report.get("kernels"), "bytes": sizes,
               "load_avg_end": [round(v, 2) for v in os.getloadavg()],
+              "streams": args.streams,
               "export_command": "abs-export ck.pt --onnx" + (" --check-runtime openvino"
                                                              if args.openvino else "")
               + f" --weights {args.weights}"}
     args.results.mkdir(parents=True, exist_ok=True)
     stem = ("export_resnet20" + ("_openvino" if args.openvino else "")
-            + ("_int4" if args.weights == "int4" else ""))
+            + ("_int4" if args.weights == "int4" else "") + ("_streams" if args.streams else ""))
     (args.results / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.results / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
@@ -99,7 +106,9 @@ def markdown(r: dict) -> str:
     from abs_deploy.export.report_format import kernel_sentences, model_label
 
     lat = r["latency"]
-    lines = ["# abs-export on ResNet-20 (digits32), half the inner channels pruned, 4/4 bits", "",
+    streams = ", residual-stream quantizers" if r.get("streams") else ""
+    lines = ["# abs-export on ResNet-20 (digits32), half the inner channels pruned, 4/4 bits"
+             + streams, "",
              f"`{r['export_command']}` in a fresh process: wall time {r['wall_median_s']:.1f} s "
              f"(median of {len(r['wall_s'])} runs: "
              + ", ".join(f"{w:.1f}" for w in r["wall_s"]) + " s), Python start-up included.", "",

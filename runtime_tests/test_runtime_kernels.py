@@ -90,3 +90,27 @@ def test_ort_runs_every_layer_and_residual_add_on_integer_kernels(resnet20_strea
         (LAYERS, ADDS, 0)
     parity = resnet20_streams.report["parity"]
     assert parity["ort_optimized"]["top1_agreement"] == 1.0
+
+
+MOBILENET_LAYERS, MOBILENET_ADDS = 53, 11  # width 0.35 on digits32: 52 convs + classifier
+
+
+@pytest.fixture(scope="module")
+def mobilenet_streams(datasets, tmp_path_factory):
+    ckpt = random_checkpoint("mobilenetv2_cifar", datasets("digits32"), fixed=(4, 4),
+                             prune_fraction=0.5, edge_bits=8, single_channel=False,
+                             with_streams=True, width_mult=0.35)
+    folder = tmp_path_factory.mktemp("mobilenet_streams")
+    path = save_checkpoint(ckpt, folder / "model.pt")
+    return export_model(path, ExportOptions(output=folder / "model.onnx", latency=False,
+                                            max_images=64))
+
+
+def test_ort_runs_every_mobilenet_layer_on_integer_kernels(mobilenet_streams):
+    """The last 1x1 conv reaches the classifier's quantizer only through ReLU6, the global
+    pool and flatten: its stream quantizer after the ReLU6 lets it fuse too."""
+    ort = mobilenet_streams.report["kernels"]["onnxruntime"]
+    assert (ort["integer_layers"], ort["float_layers"], ort["integer_adds"], ort["adds"],
+            ort["weights_dequantized"]) == (MOBILENET_LAYERS, 0, MOBILENET_ADDS,
+                                            MOBILENET_ADDS, 0)
+    assert mobilenet_streams.report["parity"]["ort_optimized"]["top1_agreement"] == 1.0

@@ -82,6 +82,47 @@ def test_a_model_without_residual_adds_gets_none():
     assert streams.names(gm) == []
 
 
+class PoolHead(nn.Module):
+    """conv -> BN -> ReLU -> pool -> flatten -> dropout -> fc, and a conv -> BN -> conv stem."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(8)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.drop = nn.Dropout(0.2)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(self.bn0(self.stem(x)))))
+        return self.fc(self.drop(self.pool(x).flatten(1)))
+
+
+def test_a_layer_read_through_a_pool_gets_one_after_its_relu_and_the_logits_none():
+    gm = streams.insert(PoolHead(), torch.randn(2, 3, 8, 8))
+    # conv's BN and ReLU are counted in (unsigned, the clamp folds); stem's output meets conv's
+    # own input quantizer; fc's output is the graph's.
+    assert _placed(gm) == [("relu", False)]
+
+
+def test_a_layer_read_through_a_pool_without_relu_gets_a_signed_one_on_its_norm():
+    class NoRelu(PoolHead):
+        def forward(self, x):
+            return self.fc(self.bn(self.conv(self.stem(x))).mean((2, 3)))
+
+    assert _placed(streams.insert(NoRelu(), torch.randn(2, 3, 8, 8))) == [("bn", True)]
+
+
+def test_a_layer_read_directly_or_through_dropout_gets_none():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Dropout(), nn.Conv2d(4, 4, 3),
+                          nn.Flatten(), nn.Linear(64, 2))
+    gm = streams.insert(model, torch.randn(1, 3, 8, 8))
+    # the first conv reaches the second through dropout; the second goes through a flatten.
+    assert _placed(gm) == [("_3", True)]
+
+
 def test_adds_of_a_constant_or_a_broadcast_are_not_residual():
     class Biased(nn.Module):
         def __init__(self):
@@ -111,8 +152,10 @@ def test_a_model_torch_fx_cannot_trace_is_refused_in_one_line():
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("name,count", [("resnet20", 21), ("mobilenetv2_cifar", 25)])
+@pytest.mark.parametrize("name,count", [("resnet20", 21), ("mobilenetv2_cifar", 26)])
 def test_zoo_residual_models_get_their_streams(name, count):
+    """ResNet-20's every conv already meets an add or a conv; MobileNetV2's 25 add tensors and
+    the last 1x1 conv's ReLU6, read by the global pool."""
     model = create_model(name, num_classes=10)
     gm = streams.insert(model, torch.randn(1, 3, 32, 32))
     assert len(streams.names(gm)) == count
@@ -128,3 +171,19 @@ def test_the_marker_is_one_passthrough_node_under_torch_export():
     groups = graph.channel_groups(gm, x)
     # b1's channels stay a prunable private group: the quantizers pass channels through.
     assert any(g.prunable and g.producers == ["a1"] for g in groups)
+
+
+def test_a_layer_read_by_two_layers_gets_one_quantizer_they_share():
+    class Fork(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.a, self.b = (nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1),
+                                         nn.Conv2d(4, 4, 1))
+
+        def forward(self, x):
+            x = F.relu(self.stem(x))
+            return torch.cat([self.a(x), self.b(x)], 1)
+
+    gm = streams.insert(Fork(), torch.randn(1, 3, 4, 4))
+    # two readers would mean two QuantizeLinears on stem's output: ORT fuses neither.
+    assert _placed(gm) == [("relu", False)]

@@ -125,7 +125,8 @@ def collapse(ckpt: dict, reduce_range: bool = True) -> Collapsed:
                      + ", ".join(reduced))
     if stream_names:
         notes.append(f"{len(stream_names)} residual-stream quantizer(s) of "
-                     f"{streams.STREAM_BITS} bits on the tensors that meet residual adds")
+                     f"{streams.STREAM_BITS} bits on the tensors that meet residual adds "
+                     "or reach the next layer through another op")
     return Collapsed(original, model, reference.eval(), layers, shape, analysis.groups(),
                      notes, stream_names)
 
