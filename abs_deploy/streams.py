@@ -178,7 +178,8 @@ def _trace(model: nn.Module) -> fx.GraphModule:
     except Exception as e:  # fx raises many types; all mean "this forward is not traceable"
         first = next((s for s in str(e).splitlines() if s.strip()), "")[:200]
         raise UserError(f"cannot place residual-stream quantizers in {type(model).__name__}: "
-                        f"torch.fx cannot trace its forward ({type(e).__name__}: {first})"
+                        f"torch.fx cannot trace its forward ({type(e).__name__}: {first}); "
+                        "fine-tune with --no-streams"
                         ) from None
 
 
