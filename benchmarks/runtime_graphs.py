@@ -3,8 +3,9 @@ own optimization and where its time goes.
 
 For ResNet-20 and MobileNetV2-CIFAR (x0.35) on digits32, 4/4 bits with 8/8 first and last
 layers and half of every prunable group removed (`rt_checkpoints.random_checkpoint`, random
-weights: structure and time do not depend on them), exported with `--weights int8` and
-`--weights int4`:
+weights: structure and time do not depend on them), exported with `--weights int8` without and
+with residual-stream quantizers (streams.py; what `abs finetune` makes by default), and with
+`--weights int4` and streams:
 
 - ONNX Runtime (all optimizations, 1 thread): the node types of its optimized model
   (`SessionOptions.optimized_model_filepath`) against the source's Convs and residual Adds,
@@ -42,7 +43,10 @@ INFLATED = ("Times are inflated by the other work; node counts are not, and the 
             "time move less than the totals.")
 
 
-def export(model: str, kwargs: dict, weights: str, folder: Path) -> Path:
+VARIANTS = [("int8", False), ("int8", True), ("int4", True)]  # (weights, streams)
+
+
+def export(model: str, kwargs: dict, weights: str, streams: bool, folder: Path) -> Path:
     sys.path.insert(0, str(ROOT / "runtime_tests"))
     from rt_checkpoints import dataset_for, random_checkpoint
 
@@ -50,9 +54,10 @@ def export(model: str, kwargs: dict, weights: str, folder: Path) -> Path:
     from abs_deploy.export import ExportOptions, export_model
 
     ckpt = random_checkpoint(model, dataset_for("digits32"), fixed=(4, 4), prune_fraction=0.5,
-                             edge_bits=8, single_channel=False, **kwargs)
-    path = save_checkpoint(ckpt, folder / f"{model}.pt")
-    out = folder / weights / f"{model}.onnx"
+                             edge_bits=8, single_channel=False, with_streams=streams, **kwargs)
+    tag = f"{weights}{'_streams' if streams else ''}"
+    path = save_checkpoint(ckpt, folder / f"{model}_{tag}.pt")
+    out = folder / tag / f"{model}.onnx"
     out.parent.mkdir(exist_ok=True)
     export_model(path, ExportOptions(output=out, weights=weights, latency=False,
                                      max_images=64))
@@ -159,9 +164,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for model, kwargs in MODELS.items():
-            for weights in ("int8", "int4"):
-                path = export(model, kwargs, weights, folder)
-                row = {"model": model, "weights": weights, "bytes": path.stat().st_size,
+            for weights, streams in VARIANTS:
+                path = export(model, kwargs, weights, streams, folder)
+                row = {"model": model, "weights": weights, "streams": streams,
+                       "bytes": path.stat().st_size,
                        "source": source_counts(onnx.load(path)),
                        "ort": {**ort_graph(path, folder),
                                "profile": ort_profile(path, folder, args.runs)}}
@@ -170,7 +176,7 @@ def main() -> None:
                 except ImportError:
                     row["openvino"] = None
                 rows.append(row)
-                print(f"{model} {weights}: done", flush=True)
+                print(f"{model} {weights} streams={streams}: done", flush=True)
     result = {"commit": prov["commit"], "command": prov["command"], "provenance": prov,
               "batch": BATCH, "threads": THREADS, "warmup": WARMUP, "runs": args.runs,
               "rows": rows, "load_avg_end": [round(v, 2) for v in os.getloadavg()]}
@@ -188,7 +194,9 @@ def markdown(r: dict) -> str:
              "runs, per run.", "", load_note(r["provenance"], r["load_avg_end"], INFLATED), ""]
     for row in r["rows"]:
         ort_types = row["ort"]["node_types"]
-        lines += [f"## {row['model']}, `--weights {row['weights']}` ({row['bytes']:,} bytes)",
+        streams = "with" if row.get("streams") else "without"
+        lines += [f"## {row['model']}, `--weights {row['weights']}`, {streams} residual streams "
+                  f"({row['bytes']:,} bytes)",
                   "", "Source: " + ", ".join(f"{v} {k}" for k, v in row["source"].items()), "",
                   "ORT optimized model: " + ", ".join(f"{v} {k}" for k, v in ort_types.items()),
                   "", f"Weights still dequantized at run time in ORT: "
