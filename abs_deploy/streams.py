@@ -179,7 +179,7 @@ def _trace(model: nn.Module) -> fx.GraphModule:
         first = next((s for s in str(e).splitlines() if s.strip()), "")[:200]
         raise UserError(f"cannot place residual-stream quantizers in {type(model).__name__}: "
                         f"torch.fx cannot trace its forward ({type(e).__name__}: {first}); "
-                        "fine-tune with --no-streams"
+                        "fine-tune without --streams"
                         ) from None
 
 

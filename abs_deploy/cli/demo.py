@@ -23,8 +23,8 @@ TARGET = 64.0   # the BOP compression factor the demo searches for
 @click.option("--out", type=click.Path(file_okay=False), default="runs/demo", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--skip-export", is_flag=True, help="Stop after fine-tuning.")
-@click.option("--streams/--no-streams", default=True, show_default=True,
-              help="Fine-tune with residual-stream quantizers (as abs finetune does).")
+@click.option("--streams/--no-streams", default=False, show_default=True,
+              help="Fine-tune with residual-stream quantizers (abs finetune --streams).")
 @guarded
 def demo(out, seed, skip_export, streams):
     """Pretrain, quantize uniformly (baseline), search with ABS at 64x, fine-tune, export."""
