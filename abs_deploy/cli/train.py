@@ -170,7 +170,7 @@ def _run_search(method, fp, data, cfg, target, lam, cands, max_prune, alpha, act
 @click.option("--streams/--no-streams", default=False, show_default=True,
               help="Also quantize every tensor that meets a residual add (8 bits, trained), so "
                    "the exported convs and adds all run on integer kernels in ONNX Runtime "
-                   "(ResNet-20: 1.43x faster there, but 2.8x slower in OpenVINO, whose plugin "
+                   "(ResNet-20: 1.5x faster there, but 2.8x slower in OpenVINO, whose plugin "
                    "needs a workaround for these files; see README).")
 @train_options()
 @model_code_options
