@@ -7,12 +7,14 @@ weights: structure and time do not depend on them), exported with `--weights int
 with residual-stream quantizers (streams.py; what `abs finetune` makes by default), and with
 `--weights int4` and streams:
 
-- ONNX Runtime (all optimizations, 1 thread): the node types of its optimized model
-  (`SessionOptions.optimized_model_filepath`) against the source's Convs and residual Adds,
-  the DequantizeLinears still reading a weight initializer, and ORT's own profiler's time per
-  node type at batch 32.
-- OpenVINO (CPU plugin, f32 precision hint, 1 thread): the executed layers by type and
-  precision, and its performance counters' time per layer type at batch 32.
+- ONNX Runtime (all optimizations): layers on integer kernels, residual adds on QLinearAdd,
+  weights dequantized every run and the node types of its optimized model, counted as the
+  export's report counts them (export/kernels.py); ORT's own profiler's time per node type at
+  batch 32, 1 thread.
+- OpenVINO (CPU plugin), compiled as the export validates and times it (OVSession: for files
+  with stream quantizers, the residual adds' operands as outputs, which its exactness needs):
+  the executed layers by type and precision, and its performance counters' time per layer type
+  at batch 32, 1 thread.
 
     python benchmarks/runtime_graphs.py [--runs 30]
 
@@ -34,6 +36,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from provenance import load_note, provenance, provenance_markdown
+
+from abs_deploy.export import openvino_runtime
+from abs_deploy.export.kernels import onnxruntime_kernels, openvino_kernels
+from abs_deploy.export.openvino_runtime import OVSession
+from abs_deploy.export.report_format import kernel_sentences
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -64,35 +71,6 @@ def export(model: str, kwargs: dict, weights: str, streams: bool, folder: Path) 
     return out
 
 
-def source_counts(model: onnx.ModelProto) -> dict:
-    """The source's Convs/Gemms and its residual Adds (both inputs computed, not constants)."""
-    inits = {i.name for i in model.graph.initializer}
-    adds = [n for n in model.graph.node if n.op_type == "Add"
-            and not any(i in inits for i in n.input)]
-    return {"Conv": sum(n.op_type == "Conv" for n in model.graph.node),
-            "Gemm": sum(n.op_type == "Gemm" for n in model.graph.node),
-            "residual Add": len(adds)}
-
-
-def ort_graph(path: Path, folder: Path) -> dict:
-    """ORT's optimized model: node types, and the DequantizeLinear nodes that read an 8- or
-    4-bit initializer (a weight dequantized at run time; int32 biases are not counted)."""
-    optimized = folder / (path.stem + ".ort_optimized.onnx")
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.optimized_model_filepath = str(optimized)
-    so.intra_op_num_threads = THREADS
-    so.log_severity_level = 3
-    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    m = onnx.load(optimized)
-    small = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4}
-    weights = {i.name for i in m.graph.initializer if i.data_type in small and len(i.dims) > 1}
-    weight_dq = [n.name for n in m.graph.node if n.op_type == "DequantizeLinear"
-                 and n.input[0] in weights]
-    types = collections.Counter(n.op_type for n in m.graph.node)
-    return {"node_types": dict(types.most_common()), "weight_dequantize": weight_dq}
-
-
 def ort_profile(path: Path, folder: Path, runs: int) -> dict:
     """ORT's profiler: microseconds per node type per run, over the last `runs` of WARMUP +
     `runs` inferences at BATCH."""
@@ -120,33 +98,27 @@ def ort_profile(path: Path, folder: Path, runs: int) -> dict:
             "share": {k: v / total for k, v in per_type.most_common()}}
 
 
-def openvino_graph(path: Path, runs: int) -> dict:
-    import openvino as ov
-
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(path)), "CPU", {
-        "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32",
-        "INFERENCE_NUM_THREADS": THREADS, "PERF_COUNT": True})
-    request = compiled.create_infer_request()
-    x = _input([BATCH, *(d.get_length() for d in
-                         list(compiled.inputs[0].get_partial_shape())[1:])])
+def openvino_graph(model: onnx.ModelProto, runs: int) -> dict:
+    """OpenVINO compiled as the export validates and times it (OVSession: with the residual
+    adds' operands as outputs where the file has stream quantizers), its performance counters
+    summed over `runs` inferences at BATCH after WARMUP."""
+    session = OVSession(model, threads=THREADS, profile=True)
+    feed = {session.get_inputs()[0].name: _input(_shape(model))}
     for _ in range(WARMUP):
-        request.infer({0: x})
+        session.run(None, feed)
     per_type: collections.Counter = collections.Counter()
     for _ in range(runs):
-        request.infer({0: x})
-        for info in request.get_profiling_info():
-            if info.status == info.Status.EXECUTED:
-                per_type[f"{info.node_type} [{info.exec_type}]"] += \
-                    info.real_time.total_seconds() * 1e6
-    layers = collections.Counter()
-    for op in compiled.get_runtime_model().get_ordered_ops():
-        rt = op.get_rt_info()
-        layers[f"{rt['layerType'].astype(str)} ({rt['runtimePrecision'].astype(str)})"] += 1
+        session.run(None, feed)
+        for kind, us in session.last_run_profile():
+            per_type[kind] += us
     total = sum(per_type.values())
-    return {"layers": dict(layers.most_common()),
+    return {**openvino_kernels(model).as_dict(),
             "us_per_run": {k: v / runs for k, v in per_type.most_common()},
             "share": {k: v / total for k, v in per_type.most_common()}}
+
+
+def _shape(model: onnx.ModelProto) -> list:
+    return [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
 
 
 def _input(shape: list) -> np.ndarray:
@@ -166,15 +138,13 @@ def main() -> None:
         for model, kwargs in MODELS.items():
             for weights, streams in VARIANTS:
                 path = export(model, kwargs, weights, streams, folder)
+                onnx_model = onnx.load(path)
                 row = {"model": model, "weights": weights, "streams": streams,
                        "bytes": path.stat().st_size,
-                       "source": source_counts(onnx.load(path)),
-                       "ort": {**ort_graph(path, folder),
-                               "profile": ort_profile(path, folder, args.runs)}}
-                try:
-                    row["openvino"] = openvino_graph(path, args.runs)
-                except ImportError:
-                    row["openvino"] = None
+                       "ort": {**onnxruntime_kernels(onnx_model).as_dict(),
+                               "profile": ort_profile(path, folder, args.runs)},
+                       "openvino": (openvino_graph(onnx_model, args.runs)
+                                    if openvino_runtime.available() else None)}
                 rows.append(row)
                 print(f"{model} {weights} streams={streams}: done", flush=True)
     result = {"commit": prov["commit"], "command": prov["command"], "provenance": prov,
@@ -193,14 +163,14 @@ def markdown(r: dict) -> str:
              f"runtime's own profiler summed over {r['runs']} runs after {r['warmup']} warm-up "
              "runs, per run.", "", load_note(r["provenance"], r["load_avg_end"], INFLATED), ""]
     for row in r["rows"]:
-        ort_types = row["ort"]["node_types"]
+        kernels = {"onnxruntime": row["ort"], **({"openvino": row["openvino"]}
+                                                 if row["openvino"] else {})}
         streams = "with" if row.get("streams") else "without"
         lines += [f"## {row['model']}, `--weights {row['weights']}`, {streams} residual streams "
-                  f"({row['bytes']:,} bytes)",
-                  "", "Source: " + ", ".join(f"{v} {k}" for k, v in row["source"].items()), "",
-                  "ORT optimized model: " + ", ".join(f"{v} {k}" for k, v in ort_types.items()),
-                  "", f"Weights still dequantized at run time in ORT: "
-                  f"{len(row['ort']['weight_dequantize'])}", "",
+                  f"({row['bytes']:,} bytes)", "",
+                  *(f"- {k}" for k in kernel_sentences(kernels)), "",
+                  "ORT optimized model: " + ", ".join(
+                      f"{v} {k}" for k, v in row["ort"]["node_types"].items()), "",
                   "| ORT node type | us per run | share |", "|---|---:|---:|"]
         prof = row["ort"]["profile"]
         lines += [f"| {k} | {v:,.0f} | {100 * prof['share'][k]:.1f}% |"
@@ -208,7 +178,7 @@ def markdown(r: dict) -> str:
         ov = row["openvino"]
         if ov:
             lines += ["", "OpenVINO executed layers: " + ", ".join(
-                f"{v} {k}" for k, v in ov["layers"].items()), "",
+                f"{v} {k}" for k, v in ov["node_types"].items()), "",
                 "| OpenVINO layer [kernel] | us per run | share |", "|---|---:|---:|"]
             lines += [f"| {k} | {v:,.0f} | {100 * ov['share'][k]:.1f}% |"
                       for k, v in ov["us_per_run"].items() if ov["share"][k] >= 0.005]

@@ -156,3 +156,13 @@ def test_openvino_computes_residual_stream_adds_exactly(datasets, tmp_path):
             kernels["onnxruntime"]["weights_dequantized"]) == (22, 9, 0)
     # Whoever deploys the file on OpenVINO is told to do the same.
     assert any("residual_add_operands" in n for n in result.report["notes"])
+
+
+@needs_openvino
+def test_openvino_session_profiles_the_nodes_it_ran(ort_export):
+    from abs_deploy.export.openvino_runtime import OVSession
+
+    session = OVSession(onnx.load(ort_export.files["onnx"]), threads=1, profile=True)
+    session.run(None, {"input": np.zeros((2, 3, 32, 32), np.float32)})
+    profile = session.last_run_profile()
+    assert any(kind.startswith("Convolution") and us >= 0 for kind, us in profile), profile

@@ -41,7 +41,8 @@ class OVSession:
     """One ONNX model compiled for OpenVINO's CPU plugin (f32 precision hint: the integer
     layers come from the file's Q/DQ, not from a lowered float precision)."""
 
-    def __init__(self, model: onnx.ModelProto, threads: int | None = None) -> None:
+    def __init__(self, model: onnx.ModelProto, threads: int | None = None,
+                 profile: bool = False) -> None:
         require()
         import openvino as ov
 
@@ -50,6 +51,8 @@ class OVSession:
                                      "INFERENCE_PRECISION_HINT": "f32"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
+        if profile:
+            config["PERF_COUNT"] = True
         try:
             core = ov.Core()
             read = core.read_model(data)
@@ -75,6 +78,12 @@ class OVSession:
     def run(self, output_names: object, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         result = self._request.infer(feed)
         return [np.array(result[port], copy=True) for port in self._outputs]
+
+    def last_run_profile(self) -> list[tuple[str, float]]:
+        """("node type [kernel]", microseconds) of every node the last `run` executed (needs
+        `profile=True`)."""
+        return [(f"{i.node_type} [{i.exec_type}]", i.real_time.total_seconds() * 1e6)
+                for i in self._request.get_profiling_info() if i.status == i.Status.EXECUTED]
 
     def executed_layers(self) -> list[tuple[str, str]]:
         """(layer type, precision) of every layer of the compiled model as the plugin runs it."""
