@@ -22,6 +22,9 @@ from torch import Tensor
 # or fewer are safe anyway, and so are unsigned inputs of 7 bits or fewer (127 * 128 * 2).
 # Training uses the same rule, so fine-tune learns the weights export stores.
 REDUCED_BITS = 7
+# Added to every learned clip magnitude before it becomes a scale, in training and export
+# alike: a clip trained to zero still gives a finite scale, and the integers match.
+CLIP_EPS = 1e-8
 
 
 def stored_weight_bits(w_bits: int, a_bits: int, a_signed: bool,

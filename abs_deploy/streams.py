@@ -46,7 +46,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from abs_deploy.distributed import current
 from abs_deploy.errors import UserError
-from abs_deploy.quant import fake_quant
+from abs_deploy.quant import CLIP_EPS, fake_quant
 
 STREAM_BITS = 8  # wide enough that a residual sum loses little; fuses in every runtime
 CONTAINER = "stream_quant"  # the ModuleList holding them: keys `stream_quant.<k>.clip`
@@ -77,7 +77,7 @@ class StreamQuant(nn.Module):
         self.clip = nn.Parameter(torch.tensor(1.0))
 
     def forward(self, x: Tensor) -> Tensor:
-        return fake_quant(x, self.clip.abs() + 1e-8, self.bits, self.signed, current().world)
+        return fake_quant(x, self.clip.abs() + CLIP_EPS, self.bits, self.signed, current().world)
 
     def extra_repr(self) -> str:
         return f"{self.name}, a{self.bits}{'s' if self.signed else 'u'}"

@@ -33,11 +33,8 @@ from abs_deploy.decision import FLOAT_BITS, QUANT_BITS, Decision, LayerDecision
 from abs_deploy.errors import UserError
 from abs_deploy.fold import fold_bn
 from abs_deploy.modules import set_module
-from abs_deploy.quant import int_range, quantize_int, scale, stored_weight_bits
+from abs_deploy.quant import CLIP_EPS, int_range, quantize_int, scale, stored_weight_bits
 
-# The search side's quantizers use `|clip| + 1e-8` (search/qlayers.py); the same here, so the
-# integers are those training saw.
-CLIP_EPS = 1e-8
 # Which 8-bit layers store 7-bit weight codes, and why: abs_deploy.quant.stored_weight_bits.
 
 

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from abs_deploy.decision import FLOAT_BITS
 from abs_deploy.distributed import current
 from abs_deploy.quant import (
+    CLIP_EPS,
     fake_quant,
     init_weight_clip,
     int_range,
@@ -37,13 +38,13 @@ class _QuantMixin:
     def quant_input(self, x: Tensor) -> Tensor:
         if self.a_bits >= FLOAT_BITS:
             return x
-        return fake_quant(x, self.a_clip.abs() + 1e-8, self.a_bits, self.a_signed,
+        return fake_quant(x, self.a_clip.abs() + CLIP_EPS, self.a_bits, self.a_signed,
                           current().world)
 
     def quant_weight(self) -> Tensor:
         if self.w_bits >= FLOAT_BITS:
             return self.weight
-        clip = self.w_clip.abs().add(1e-8).view(weight_clip_shape(self.weight))
+        clip = self.w_clip.abs().add(CLIP_EPS).view(weight_clip_shape(self.weight))
         bits = stored_weight_bits(self.w_bits, self.a_bits, self.a_signed)
         return fake_quant(self.weight, clip, bits, True)
 
@@ -53,8 +54,8 @@ class _QuantMixin:
         and each flip is a whole step."""
         if self.bias is None or self.w_bits >= FLOAT_BITS or self.a_bits >= FLOAT_BITS:
             return self.bias
-        s_x = scale(self.a_clip.abs() + 1e-8, self.a_bits, self.a_signed)
-        s_w = scale(self.w_clip.abs() + 1e-8,
+        s_x = scale(self.a_clip.abs() + CLIP_EPS, self.a_bits, self.a_signed)
+        s_w = scale(self.w_clip.abs() + CLIP_EPS,
                     stored_weight_bits(self.w_bits, self.a_bits, self.a_signed), True)
         s = s_x * s_w
         return round_ste(self.bias / s) * s

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from abs_deploy.distributed import current, mean_over_ranks
 from abs_deploy.quant import (
+    CLIP_EPS,
     init_weight_clip,
     int_range,
     lsq_scaled_clip,
@@ -261,10 +262,10 @@ class _SuperBitMixin:
 
     def _w_clip(self) -> Tensor:
         # The same expression as QConv2d's, so the fixed-bit twin reproduces this layer exactly.
-        return self.w_clip.abs().add(1e-8).view(weight_clip_shape(self.weight))
+        return self.w_clip.abs().add(CLIP_EPS).view(weight_clip_shape(self.weight))
 
     def _a_clip(self) -> Tensor:
-        return self.a_clip.abs() + 1e-8
+        return self.a_clip.abs() + CLIP_EPS
 
     def w_gates(self) -> Tensor:
         n = len(self.candidates) - 1
