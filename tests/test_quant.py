@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from abs_deploy.quant import fake_quant, int_range, quantize_int, scale
+from abs_deploy.quant import CLIP_EPS, fake_quant, int_range, quantize_int, scale
 from abs_deploy.search.qlayers import QConv2d, mse_weight_clip
 from abs_deploy.search.qmodel import calibrate, quantize_model
 
@@ -50,9 +50,12 @@ def test_qconv_computes_conv_of_quantized_input_weight_and_accumulator_bias():
     conv = nn.Conv2d(3, 4, 3, padding=1)
     q = QConv2d.from_float(conv, 4, 4, False)
     x = torch.rand(2, 3, 5, 5)
-    xq = fake_quant(x, q.a_clip, 4, False)
-    wq = fake_quant(conv.weight, q.w_clip.view(-1, 1, 1, 1), 4, True)
-    s_acc = scale(q.a_clip, 4, False) * scale(q.w_clip, 4, True)   # the int32 bias grid
+    # The clips as the layer uses them: |clip| + CLIP_EPS, which moves a float32 weight clip,
+    # so a reference without it lands on the other side of a rounding now and then.
+    a_clip, w_clip = q.a_clip.abs() + CLIP_EPS, q.w_clip.abs() + CLIP_EPS
+    xq = fake_quant(x, a_clip, 4, False)
+    wq = fake_quant(conv.weight, w_clip.view(-1, 1, 1, 1), 4, True)
+    s_acc = scale(a_clip, 4, False) * scale(w_clip, 4, True)   # the int32 bias grid
     bq = torch.round(conv.bias / s_acc) * s_acc
     assert not torch.equal(bq, conv.bias)
     assert torch.allclose(q(x), nn.functional.conv2d(xq, wq, bq, padding=1))
