@@ -47,6 +47,7 @@ def worker(out: str, threads: int) -> None:
     from abs_deploy.models.registry import create_model
     from abs_deploy.search.abs_search import GATE_LR, AbsMethod, start_thresholds, to_superbit
     from abs_deploy.search.controller import RELAY, LambdaController
+    from abs_deploy.search.costs import Target
     from abs_deploy.search.qmodel import calibrate
     from abs_deploy.train import TrainConfig, fit, set_seed
 
@@ -63,9 +64,9 @@ def worker(out: str, threads: int) -> None:
     first = [next(data.batches("train", 128))[0]]
     calibrate(model, first)
     start_thresholds(net, first)
-    ctl = LambdaController(fp_bops / 64, 0.05, RELAY, 0.0)
+    ctl = LambdaController(1.0, 0.05, RELAY, 0.0)
     stamps: list[float] = []
-    method = AbsMethod(net, fp_bops, 0.0, ctl, GATE_LR, fp_bops / 64,
+    method = AbsMethod(net, fp_bops, 0.0, ctl, GATE_LR, [Target("bops", fp_bops / 64, "64x")],
                        lambda b, lam: stamps.append(time.perf_counter()))
     fit(model, data, TrainConfig(epochs=1, lr=0.01, batch_size=GLOBAL_BATCH), method)
     steps = [b - a for a, b in zip(stamps, stamps[1:], strict=False)][WARMUP:]

@@ -23,6 +23,7 @@ from abs_deploy.models.registry import create_model
 from abs_deploy.search import superbit
 from abs_deploy.search.abs_search import GATE_LR, AbsMethod, start_thresholds, to_superbit
 from abs_deploy.search.controller import RELAY, LambdaController
+from abs_deploy.search.costs import Target
 from abs_deploy.search.qmodel import calibrate
 from abs_deploy.train import TrainConfig, fit, set_seed
 
@@ -50,9 +51,10 @@ def main(out_dir: str, steps: int, sync_bn: bool, f64: bool, disagree: bool) -> 
     calibrate(model, first)
     start_thresholds(net, first)
     target = fp_bops / 64
-    ctl = LambdaController(target, 0.05, RELAY, 0.0)
+    ctl = LambdaController(1.0, 0.05, RELAY, 0.0)
     # A large gate rate and a standing lam, so that some gates close within the few steps.
-    method = AbsMethod(net, fp_bops, 0.5, ctl, GATE_LR * 20, target, None)
+    method = AbsMethod(net, fp_bops, 0.5, ctl, GATE_LR * 20, [Target("bops", target, "64x")],
+                       None)
     cfg = TrainConfig(epochs=1, lr=0.05, batch_size=GLOBAL_BATCH, sync_bn=sync_bn)
     fit(model, data, cfg, method)
     decision = net.decision().to_record()

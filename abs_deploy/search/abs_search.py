@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,14 @@ from abs_deploy.errors import UserError
 from abs_deploy.modules import get_module, set_module
 from abs_deploy.progress import Progress, no_progress
 from abs_deploy.search.controller import RELAY, ControllerGains, LambdaController
+from abs_deploy.search.costs import (
+    LatencyCost,
+    SizeCost,
+    Target,
+    level_weights,
+    lut_record,
+    worst_ratio,
+)
 from abs_deploy.search.qmodel import calibrate, make_decision, model_from_checkpoint
 from abs_deploy.search.superbit import (
     SUPERBIT_TYPES,
@@ -63,6 +72,9 @@ from abs_deploy.train import (
     fit,
     param_groups,
 )
+
+if TYPE_CHECKING:
+    from abs_deploy.latency_table import LatencyTable
 
 REACH = 2 * TAU        # how far past its largest residual a threshold may go (see clamp)
 GATE_LR = 0.1          # plain SGD on thresholds: a gate moves in proportion to its layer's
@@ -105,6 +117,7 @@ class SuperBitNet:
             for c in g.consumers:
                 self.feeds[c].append(g)
         self.layers = {n: get_module(model, n) for n in order}
+        self.cost_fns: dict[str, LatencyCost | SizeCost] = {}
 
     # -- filter gates ------------------------------------------------------------------------
 
@@ -126,23 +139,66 @@ class SuperBitNet:
 
     # -- BOPs and the decision ----------------------------------------------------------------
 
+    def kept_counts(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Every layer's kept (output, input) channels as float64 tensors, differentiable in
+        the filter thresholds; a depthwise conv's inputs are its outputs."""
+        kept = {g.id: self.group_mask(g).double().sum() for g in self.groups}
+        one = torch.ones((), dtype=torch.float64, device=device_of(self.model))
+        out = {}
+        for name in self.order:
+            c = self.costs[name]
+            g = self.group_of.get(name)
+            n_out = kept[g.id] if g is not None else one * c.c_out
+            if c.groups > 1 and c.groups == c.c_in:
+                out[name] = (n_out, n_out)
+                continue
+            n_in = one * c.c_in
+            for f in self.feeds[name]:
+                n_in = n_in - (f.channels - kept[f.id]) * f.spatial.get(name, 1)
+            out[name] = (n_out, n_in)
+        return out
+
+    def weight_counts(self, kept: dict[str, tuple[Tensor, Tensor]] | None = None
+                      ) -> dict[str, Tensor]:
+        """Weights each layer keeps (its MACs per output pixel)."""
+        kept = self.kept_counts() if kept is None else kept
+        out = {}
+        for name, (n_out, n_in) in kept.items():
+            c = self.costs[name]
+            per_out = 1.0 if c.groups > 1 and c.groups == c.c_in else n_in / c.groups
+            out[name] = n_out * per_out * c.kernel
+        return out
+
+    def levels(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Each layer's weight and input level weights (`costs.level_weights`)."""
+        return {n: (level_weights(m.w_gates()).double(), level_weights(m.a_gates()).double())
+                for n, m in self.layers.items()}
+
+    def candidates(self) -> dict[str, tuple[int, ...]]:
+        return {n: m.candidates for n, m in self.layers.items()}
+
     def bops(self) -> Tensor:
         """BOPs of the current gates (float64, differentiable in every threshold)."""
-        kept = {g.id: self.group_mask(g).double().sum() for g in self.groups}
         total = torch.zeros((), dtype=torch.float64, device=device_of(self.model))
-        for name in self.order:
-            c, layer = self.costs[name], self.layers[name]
-            g = self.group_of.get(name)
-            out = kept[g.id] if g is not None else float(c.c_out)
-            if c.groups > 1 and c.groups == c.c_in:     # depthwise: one MAC chain per channel
-                macs = out * c.kernel * c.out_pixels
-            else:
-                n_in = float(c.c_in)
-                for f in self.feeds[name]:
-                    n_in = n_in - (f.channels - kept[f.id]) * f.spatial.get(name, 1)
-                macs = out * (n_in / c.groups) * c.kernel * c.out_pixels
+        for name, count in self.weight_counts().items():
+            layer = self.layers[name]
+            macs = count * self.costs[name].out_pixels
             total = total + macs * layer.w_bits_t().double() * layer.a_bits_t().double()
         return total
+
+    def cost(self, kind: str) -> Tensor:
+        """BOPs, or a cost given by `use_cost` (latency, size), at the current gates."""
+        if kind == "bops":
+            return self.bops()
+        fn = self.cost_fns.get(kind)
+        if fn is None:
+            raise KeyError(f"no {kind} cost set on this search")
+        kept = self.kept_counts()
+        arg = kept if kind == "latency" else self.weight_counts(kept)
+        return fn(arg, self.levels(), self.candidates())
+
+    def use_cost(self, fn: LatencyCost | SizeCost) -> None:
+        self.cost_fns[fn.kind] = fn
 
     def kept(self) -> dict[str, list[int]]:
         out = {}
@@ -270,7 +326,9 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
                gate_margin: float | None = GATE_MARGIN,
                pin_bits: tuple[int, int] | None = None, lsq_scale: bool = True,
                swap_samples: int = 0, gains: ControllerGains = RELAY,
-               on_step: Callable[[float, float], None] | None = None) -> dict:
+               on_step: Callable[[float, float], None] | None = None,
+               targets: Sequence[Target] = (), lut: LatencyTable | None = None,
+               weights: str = "int8") -> dict:
     """ABS search from an `fp` checkpoint; returns a `searched` checkpoint (method "abs").
 
     `target_bops` (absolute, see `bops.parse_bops`) makes `lam` adapt and the final decision land
@@ -281,52 +339,65 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
     nothing pruned and no BOP loss: the super-bit training path alone, for ablations.
     `lsq_scale=False` trains the clips without LSQ's gradient scale, as the search did before
     (for the ablation that measured it). `swap_samples` > 0 runs `swap` after the projection.
-    `gains` sets the lam controller; `on_step(bops, lam)` sees every step."""
+    `gains` sets the lam controller; `on_step(bops, lam)` sees every step.
+
+    `targets` adds budgets in other units (`costs.Target`: latency from `lut`, the weights'
+    stored bytes with export's `weights` storage); with several, the controller drives the one
+    the decision exceeds most (`costs.worst_ratio`) and the decision lands in the band of that
+    one, at or under the others."""
     if pin_bits is not None:
-        target_bops, lam = None, 0.0
-    cands = _check_settings(candidates, target_bops, lam, max_prune)
+        target_bops, lam, targets = None, 0.0, ()
+    targets = ([Target("bops", target_bops, f"{target_bops:.6g}")]
+               if target_bops is not None else []) + list(targets)
+    cands = _check_settings(candidates, targets, lam, max_prune)
     model = model_from_checkpoint(fp_ckpt).to(data.device)
     fp_top1 = evaluate(model, data, "test")
     costs = bops.layer_costs(model, data.input_shape)
     fp_bops = float(bops.totals(bops.bops_table(costs))["bops"])
     net = _superbit_net(model, data, cands, max_prune, edge_bits, lsq_scale, gate_margin)
-    _check_target(net, target_bops)
+    _use_costs(net, targets, lut, weights)
+    _check_targets(net, targets)
     if pin_bits is not None:
         net.pin(pin_bits)
 
-    ctl = (LambdaController(target_bops, tolerance, gains, 0.0 if lam is None else float(lam))
-           if target_bops is not None else None)
+    ctl = (LambdaController(1.0, tolerance, gains, 0.0 if lam is None else float(lam))
+           if targets else None)
     method = AbsMethod(net, fp_bops, 0.0 if lam is None else float(lam), ctl, gate_lr,
-                       target_bops, on_step)
+                       targets, on_step)
     method.find_unused_parameters = pin_bits is not None   # pinned gates leave thresholds idle
     resume = None
     if resume_path:
         resume = _SearchState(resume_path, fp_ckpt, net, {
-            "arch": fp_ckpt["arch"], "target_bops": target_bops, "candidates": list(cands),
+            "arch": fp_ckpt["arch"], "target_bops": target_bops,
+            "targets": [t.as_record() for t in targets], "candidates": list(cands),
             "max_prune": max_prune, "edge_bits": edge_bits, "epochs": cfg.epochs,
             "seed": cfg.seed})
     logs = fit(model, data, cfg, method, progress, on_epoch_end, resume)
 
     searched_bops = net.bops().item()
-    moves, swapped = _settle(net, data, target_bops, tolerance, swap_samples)
+    moves, swapped = _settle(net, data, targets, tolerance, swap_samples)
     if refine_epochs > 0:
         logs += _refine(net, data, cfg, refine_epochs, progress)
     decision = net.decision()
+    extra = {"targets": _target_records(net, targets, lut, weights)} if targets else {}
     return searched_checkpoint(fp_ckpt, model, decision, data, list(costs), fp_top1, logs,
                                method="abs", target_bops=target_bops, lam=method.lam,
                                candidates=list(cands), max_prune=max_prune,
                                search_bops=searched_bops, projection_moves=moves,
-                               swap=swapped)
+                               swap=swapped, **extra)
 
 
-def _check_settings(candidates: Sequence[int], target_bops: float | None, lam: float | None,
+def _check_settings(candidates: Sequence[int], targets: Sequence[Target], lam: float | None,
                     max_prune: float) -> tuple[int, ...]:
     """The candidate bitwidths as ints, once the settings are known to make a search."""
     cands = tuple(int(b) for b in candidates)
     if list(cands) != sorted(set(cands)) or cands[0] < 1 or cands[-1] > 8:
         raise UserError(f"candidates must be distinct ascending bitwidths in 1..8, got {cands}")
-    if target_bops is None and lam is None:
-        raise UserError("give a BOP target or a fixed lam")
+    if not targets and lam is None:
+        raise UserError("give a target (BOPs, latency or size) or a fixed lam")
+    kinds = [t.kind for t in targets]
+    if len(set(kinds)) != len(kinds):
+        raise UserError(f"one target per kind, got {kinds}")
     if not 0 <= max_prune < 1:
         raise UserError(f"max_prune must be in [0, 1), got {max_prune}")
     return cands
@@ -349,35 +420,42 @@ def _superbit_net(model: nn.Module, data: Dataset, cands: tuple[int, ...], max_p
     return net
 
 
-def _settle(net: SuperBitNet, data: Dataset, target: float | None, tolerance: float,
+def _settle(net: SuperBitNet, data: Dataset, targets: Sequence[Target], tolerance: float,
             swap_samples: int) -> tuple[int, dict | None]:
-    """The search's last hard decision, frozen and the same on every rank: with a target,
-    first projected into its band (and, with `swap_samples`, improved by equal-cost swaps).
-    Returns the projection's moves and the swap's summary."""
-    moves = project(net, data, target, tolerance) if target is not None else 0
-    swapped = (swap(net, data, target, tolerance, swap_samples)
-               if target is not None and swap_samples else None)
+    """The search's last hard decision, frozen and the same on every rank: with targets,
+    first projected into the band of the binding one (and, with `swap_samples`, improved by
+    equal-cost swaps). Returns the projection's moves and the swap's summary."""
+    moves, swapped = 0, None
+    if targets:
+        ratio = _ratio_fn(net, targets)
+        moves = project(net, data, 1.0, tolerance, measure=ratio)
+        if swap_samples:
+            swapped = swap(net, data, 1.0, tolerance, swap_samples, measure=ratio)
     net.freeze()
     _agree(net)
     return moves, swapped
 
 
 class AbsMethod(Method):
-    """What the ABS search adds to the shared loop: the BOP term `lam * log(BOPs / fp_bops)`,
-    the gates' own plain-SGD optimizer, weight (and filter) gates and activation gates trained
-    on alternate steps, thresholds clamped after each step, and `lam` from the controller."""
+    """What the ABS search adds to the shared loop: the cost term `lam * log(C)`, the gates'
+    own plain-SGD optimizer, weight (and filter) gates and activation gates trained on
+    alternate steps, thresholds clamped after each step, and `lam` from the controller.
+
+    `C` is `max_k cost_k / target_k` with targets (one BOP target: `BOPs / T`, whose gradient
+    is the paper's `log(BOPs / fp_bops)`'s), and `BOPs / fp_bops` with a fixed `lam`."""
 
     name = "abs search"
     keep_best = False             # the search's last state is its result, not its best epoch
     amp_safe = False
 
     def __init__(self, net: SuperBitNet, fp_bops: float, lam: float,
-                 ctl: LambdaController | None, gate_lr: float, target: float | None,
+                 ctl: LambdaController | None, gate_lr: float, targets: Sequence[Target],
                  on_step: Callable[[float, float], None] | None) -> None:
         super().__init__()
         self.net, self.fp_bops, self.lam, self.ctl = net, fp_bops, lam, ctl
-        self.gate_lr, self.target, self.on_step = gate_lr, target, on_step
-        self.bops: Tensor | None = None
+        self.gate_lr, self.targets, self.on_step = gate_lr, list(targets), on_step
+        self.values: dict[str, Tensor] = {}
+        self.ratio: Tensor | None = None
 
     def optimizers(self, model: nn.Module, cfg: TrainConfig) -> list[torch.optim.Optimizer]:
         net = self.net
@@ -387,8 +465,11 @@ class AbsMethod(Method):
         return [weights, gates]
 
     def loss(self, ce: Tensor, step: int) -> Tensor:
-        self.bops = self.net.bops()
-        return ce + self.lam * torch.log(self.bops / self.fp_bops)
+        kinds = {"bops"} | {t.kind for t in self.targets}
+        self.values = {k: self.net.cost(k) for k in kinds}
+        self.ratio = (worst_ratio(self.values, self.targets) if self.targets
+                      else self.values["bops"] / self.fp_bops)
+        return ce + self.lam * torch.log(self.ratio)
 
     def before_update(self, step: int) -> None:
         # Weight (and filter) gates move on even steps, activation gates on odd ones. Their
@@ -399,27 +480,36 @@ class AbsMethod(Method):
 
     def end_step(self, step: int) -> None:
         self.net.clamp_thresholds()
-        b = self.bops.item()
         if self.ctl is not None:
-            self.lam = self.ctl.update(b)
+            self.lam = self.ctl.update(self.ratio.item())
         if self.on_step is not None:
-            self.on_step(b, self.lam)
+            self.on_step(self.values["bops"].item(), self.lam)
 
     def postfix(self) -> str:
-        b = self.bops.item() if self.bops is not None else float("nan")
-        tgt = f"/{self.target / 1e6:.2f}M" if self.target is not None else ""
-        return f"BOPs {b / 1e6:.2f}M{tgt} lam {self.lam:.3g} {self.net.histogram()}"
+        shown = []
+        for kind in ("bops", "latency", "size"):
+            if kind not in self.values:
+                continue
+            v = self.values[kind].item()
+            t = next((t.value for t in self.targets if t.kind == kind), None)
+            shown.append(_fmt_cost(kind, v) + (f"/{_fmt_cost(kind, t)}" if t else ""))
+        return f"{' '.join(shown)} lam {self.lam:.3g} {self.net.histogram()}"
 
     def end_epoch(self, epoch: int) -> dict:
         with torch.no_grad():
-            cur = self.net.bops().item()
+            values = {k: self.net.cost(k).item()
+                      for k in {"bops"} | {t.kind for t in self.targets}}
         current().same_on_all_ranks({"decision": self.net.decision().to_record(),
                                      "lam": self.lam},
                                     "the search's gates and lam")
+        cur = values["bops"]
         extra = {"bops": cur, "fp_ratio": self.fp_bops / cur, "lam": self.lam,
                  "bits": self.net.histogram()}
-        if self.target is not None:
-            extra["target_ratio"] = cur / self.target
+        for kind, key in (("latency", "latency_ms"), ("size", "size_bytes")):
+            if kind in values:
+                extra[key] = values[kind]
+        if self.targets:
+            extra["target_ratio"] = max(values[t.kind] / t.value for t in self.targets)
         return extra
 
     def state_dict(self) -> dict:
@@ -498,33 +588,89 @@ def start_thresholds(net: SuperBitNet, batches: Iterable[Tensor],
         net.layers[g.owner].f_thr.fill_(max(float(net.norms(g).min()) - margin, 0.0))
 
 
-def _check_target(net: SuperBitNet, target: float | None) -> None:
+def _use_costs(net: SuperBitNet, targets: Sequence[Target], lut: LatencyTable | None,
+               weights: str) -> None:
+    """Give the net the cost functions its targets (and a given table) need."""
+    kinds = {t.kind for t in targets}
+    if "latency" in kinds and lut is None:
+        raise UserError("a latency target needs a latency table (--lut, from `abs profile`)")
+    if lut is not None:
+        net.use_cost(LatencyCost(lut, net.order, net.candidates()))
+    if "size" in kinds:
+        net.use_cost(SizeCost(weights))
+
+
+def _ratio_fn(net: SuperBitNet, targets: Sequence[Target]) -> Callable[[], float]:
+    def ratio() -> float:
+        with torch.no_grad():
+            return worst_ratio({t.kind: net.cost(t.kind) for t in targets}, targets).item()
+    return ratio
+
+
+def _extremes(net: SuperBitNet, kinds: Sequence[str]) -> tuple[dict, dict]:
+    """Every cost at the smallest decision (lowest bits, most pruned) and at the open gates
+    the search starts from (top bits, nothing pruned)."""
+    with torch.no_grad():
+        hi = {k: net.cost(k).item() for k in kinds}
+        saved = {n: m.pinned_bits for n, m in net.layers.items()}
+        for m in net.layers.values():
+            m.pinned_bits = (m.candidates[0], m.candidates[0])
+        for g in net.groups:
+            g.pinned_kept = g.channels - min(int(net.max_prune * g.channels), g.channels - 1)
+        lo = {k: net.cost(k).item() for k in kinds}
+        for n, m in net.layers.items():
+            m.pinned_bits = saved[n]
+        for g in net.groups:
+            g.pinned_kept = None
+    return lo, hi
+
+
+def _check_targets(net: SuperBitNet, targets: Sequence[Target]) -> None:
     """A target outside what the search space can reach is a user error, said up front."""
-    if target is None:
+    if not targets:
         return
-    hi = net.bops().item()
-    saved = {n: m.pinned_bits for n, m in net.layers.items()}
-    for m in net.layers.values():
-        m.pinned_bits = (m.candidates[0], m.candidates[0])
-    for g in net.groups:
-        g.pinned_kept = g.channels - min(int(net.max_prune * g.channels), g.channels - 1)
-    lo = net.bops().item()
-    for n, m in net.layers.items():
-        m.pinned_bits = saved[n]
-    for g in net.groups:
-        g.pinned_kept = None
-    if not lo <= target <= hi:
-        raise UserError(f"BOP target {target / 1e6:,.2f} M is outside what this search space "
-                        f"reaches ({lo / 1e6:,.2f} M .. {hi / 1e6:,.2f} M)")
+    lo, hi = _extremes(net, [t.kind for t in targets])
+    for t in targets:
+        if not lo[t.kind] <= t.value <= hi[t.kind]:
+            name = {"bops": "BOP", "latency": "latency", "size": "size"}[t.kind]
+            raise UserError(f"{name} target {_fmt_cost(t.kind, t.value)} is outside what this "
+                            f"search space reaches ({_fmt_cost(t.kind, lo[t.kind])} .. "
+                            f"{_fmt_cost(t.kind, hi[t.kind])})")
+
+
+def _fmt_cost(kind: str, value: float) -> str:
+    if kind == "latency":
+        return f"{value:,.3g} ms"
+    if kind == "size":
+        return f"{value / 1e3:,.1f} KB"
+    return f"{value / 1e6:,.2f} M"
+
+
+def _target_records(net: SuperBitNet, targets: Sequence[Target], lut: LatencyTable | None,
+                    weights: str) -> list[dict]:
+    """What the checkpoint says about each target: its value and what the frozen decision is
+    predicted to cost (BOPs: exact), with where the prediction comes from."""
+    out = []
+    with torch.no_grad():
+        for t in targets:
+            rec = t.as_record(net.cost(t.kind).item())
+            if t.kind == "latency" and lut is not None:
+                rec["lut"] = lut_record(lut)
+            if t.kind == "size":
+                rec["weights"] = weights
+            out.append(rec)
+    return out
 
 
 # --- projection onto the target ----------------------------------------------------------------
 
 
 def project(net: SuperBitNet, data: Dataset, target: float, tolerance: float = 0.05,
-            max_rounds: int = 50) -> int:
+            max_rounds: int = 50, measure: Callable[[], float] | None = None) -> int:
     """Move the hard decision into `[1 - tol, 1 + tol] * target` (tol: 80% of `tolerance`, a
     margin that costs nothing since the count is exact). Returns the number of moves made.
+    `measure` is the cost projected (default: the BOPs; the search with several targets passes
+    the worst cost-to-target ratio, with `target` 1).
 
     Each round measures every single move (one bit level of one layer's weights or inputs, or one
     step of a group's filters) on validation batches (it chooses, so never on the test split),
@@ -538,7 +684,8 @@ def project(net: SuperBitNet, data: Dataset, target: float, tolerance: float = 0
     batches = list(islice(data.batches("val", 128, shuffle=True, seed=12345),
                           max(1, PROJECT_SAMPLES // 128)))
     loss = _loss_fn(net.model, batches)
-    cur_loss, cur = loss(), net.bops().item()
+    measure = measure or (lambda: net.bops().item())
+    cur_loss, cur = loss(), measure()
     moves, locked = 0, set()
     for _ in range(max_rounds):
         if lo <= cur <= hi:
@@ -549,7 +696,7 @@ def project(net: SuperBitNet, data: Dataset, target: float, tolerance: float = 0
             if key in locked:
                 continue
             apply()
-            nb = net.bops().item()
+            nb = measure()
             if (nb < cur) if down else (nb > cur):
                 scored.append(((loss() - cur_loss) / abs(cur - nb), key, apply, undo))
             undo()
@@ -559,7 +706,7 @@ def project(net: SuperBitNet, data: Dataset, target: float, tolerance: float = 0
             if key in touched:
                 continue
             apply()
-            nb = net.bops().item()
+            nb = measure()
             if not down and nb > hi:          # overshooting upward: try a smaller move
                 undo()
                 continue
@@ -576,13 +723,14 @@ def project(net: SuperBitNet, data: Dataset, target: float, tolerance: float = 0
             _, key, apply, _ = scored[0]
             apply()
             locked.add(key)
-            cur, moves = net.bops().item(), moves + 1
+            cur, moves = measure(), moves + 1
         cur_loss = loss()
     return moves
 
 
 def swap(net: SuperBitNet, data: Dataset, target: float, tolerance: float = 0.05,
-         samples: int = 2048, max_rounds: int = 8) -> dict:
+         samples: int = 2048, max_rounds: int = 8,
+         measure: Callable[[], float] | None = None) -> dict:
     """Exchange bits between layers at equal cost: from the frozen decision, score every pair of
     one move down and one move up (see `_moves`) whose BOPs stay in the projection's band by
     the loss on `samples` validation images, take the pair that lowers it most, and repeat until
@@ -598,9 +746,10 @@ def swap(net: SuperBitNet, data: Dataset, target: float, tolerance: float = 0.05
     batches = list(islice(data.batches("val", 256, shuffle=True, seed=54321),
                           max(1, samples // 256)))
     loss = _loss_fn(net.model, batches)
+    measure = measure or (lambda: net.bops().item())
     cur_loss, taken, scored, best_seen = loss(), 0, 0, math.inf
     for _ in range(max_rounds):
-        pair = _best_pair(net, lo, hi, loss)
+        pair = _best_pair(net, lo, hi, loss, measure)
         if pair is None:
             break
         scored, best_seen = scored + pair.scored, min(best_seen, pair.loss - cur_loss)
@@ -631,17 +780,17 @@ class _Pair:
         self.apply_up()
 
 
-def _best_pair(net: SuperBitNet, lo: float, hi: float, loss: Callable[[], float]
-               ) -> _Pair | None:
+def _best_pair(net: SuperBitNet, lo: float, hi: float, loss: Callable[[], float],
+               measure: Callable[[], float]) -> _Pair | None:
     """Of all pairs of one move down and one move up (different layers or kinds) that put the
-    BOPs in `[lo, hi]`, the one with the least loss; None when no pair does."""
+    cost `measure` in `[lo, hi]`, the one with the least loss; None when no pair does."""
     best, scored = None, 0
     for kd, apply_d, undo_d in list(_moves(net, down=True)):
         apply_d()
         for ku, apply_u, undo_u in list(_moves(net, down=False)):
             if ku != kd:
                 apply_u()
-                if lo <= net.bops().item() <= hi:
+                if lo <= measure() <= hi:
                     value, scored = loss(), scored + 1
                     if best is None or value < best.loss:
                         best = _Pair(value, apply_d, apply_u, 0)
