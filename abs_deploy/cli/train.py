@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -33,6 +34,9 @@ from abs_deploy.errors import UserError
 from abs_deploy.files import check_output
 from abs_deploy.models.registry import build_model, create_model, data_kwargs, default_input_shape
 from abs_deploy.train import TrainConfig
+
+if TYPE_CHECKING:
+    from abs_deploy.latency_table import LatencyTable
 
 BITS = click.IntRange(2, 8)
 
@@ -92,6 +96,17 @@ _DEFAULTS = {"uniform": (10, 0.01), "abs": (15, 0.01), "bsq": (15, 0.01), "finet
 @click.option("--target-bops", default=None,
               help="abs/bsq: BOP target as a ratio of FP (0.05), a factor (64x) or a count "
                    "(35M, 1.2G).")
+@click.option("--target-latency", default=None,
+              help="abs: latency target as a fraction of the float original's (0.5x) or in ms "
+                   "(3.2ms), in the runtime and setting --lut was measured in.")
+@click.option("--lut", type=click.Path(dir_okay=False), default=None,
+              help="abs: latency table from `abs profile` (needed by --target-latency).")
+@click.option("--target-size", default=None,
+              help="abs: bytes the weights take as export stores them (150KB, 1.5MB).")
+@click.option("--weights", type=click.Choice(["int8", "int4"]), default="int8",
+              show_default=True,
+              help="abs: the storage --target-size counts (int4: weights of <= 4 bits packed two "
+                   "a byte, as `abs-export --weights int4` writes them).")
 @click.option("--lam", type=FiniteFloat(min=0), default=None,
               help="abs: fixed BOP-loss weight (the paper's mode) instead of a target.")
 @click.option("--candidates", default="2,4,8", show_default=True,
@@ -114,31 +129,35 @@ _DEFAULTS = {"uniform": (10, 0.01), "abs": (15, 0.01), "bsq": (15, 0.01), "finet
 @train_options()
 @model_code_options
 @guarded
-def search(checkpoint, method, target_bops, lam, candidates, max_prune, resume, alpha, act_bits,
-           w_bits, a_bits, edge_bits, dataset, data_dir, output, epochs, lr, batch_size, seed,
-           device, workers, sync_bn):
+def search(checkpoint, method, target_bops, target_latency, lut, target_size, weights, lam,
+           candidates, max_prune, resume, alpha, act_bits, w_bits, a_bits, edge_bits, dataset,
+           data_dir, output, epochs, lr, batch_size, seed, device, workers, sync_bn):
     """Search per-layer bits (and, for abs, pruned filters) from a trained FP checkpoint."""
-    check_output(output, [checkpoint])
+    check_output(output, [checkpoint] + ([lut] if lut else []))
     resolve_device(device)
     state = Path(f"{output}.partial")
     if method == "abs":
         check_output(state, [checkpoint])
     fp = load_checkpoint(checkpoint, stages=("fp",))
-    if method == "abs" and target_bops is None and lam is None:
-        raise CliError("abs needs --target-bops (or --lam for a fixed weight)")
+    cands = _bits_list(candidates)
+    table = _latency_table(lut, fp, cands, edge_bits) if lut else None
+    targets = _unit_targets(method, target_latency, table, target_size)
+    if method == "abs" and target_bops is None and lam is None and not targets:
+        raise CliError("abs needs a target (--target-bops, --target-latency or --target-size) "
+                       "or --lam for a fixed weight")
     if method == "abs" and state.exists() and not resume:
         raise CliError(f"{state} holds an interrupted search: add --resume to continue it, "
                        "or delete it to start over")
     if method == "abs" and resume and state.exists():
         load_checkpoint(state, stages=("searched",))  # an input too: refused before any work
     target = _target(target_bops, fp) if target_bops else None
-    cands = _bits_list(candidates)
     with training_processes(device) as (dist, device):
         data = dataset_for(fp["input"], data_dir, dataset).on(device, workers)
         cfg = _config("uniform" if method == "uniform" else method, epochs, lr, batch_size,
                       seed, sync_bn)
         ckpt = _run_search(method, fp, data, cfg, target, lam, cands, max_prune, alpha,
-                           act_bits, w_bits, a_bits, edge_bits, str(state))
+                           act_bits, w_bits, a_bits, edge_bits, str(state),
+                           {"targets": targets, "lut": table, "weights": weights})
         _write(ckpt, output, dist)
     if method == "abs" and dist.is_main:
         state.unlink(missing_ok=True)
@@ -148,7 +167,7 @@ def search(checkpoint, method, target_bops, lam, candidates, max_prune, resume, 
 
 
 def _run_search(method, fp, data, cfg, target, lam, cands, max_prune, alpha, act_bits, w_bits,
-                a_bits, edge_bits, state) -> dict:
+                a_bits, edge_bits, state, unit_targets) -> dict:
     if method == "uniform":
         from abs_deploy.search.uniform import uniform_qat
         return uniform_qat(fp, data, w_bits, a_bits, cfg, edge_bits, progress,
@@ -157,7 +176,7 @@ def _run_search(method, fp, data, cfg, target, lam, cands, max_prune, alpha, act
         from abs_deploy.search.abs_search import abs_search
         return abs_search(fp, data, target, cfg, lam=lam, candidates=cands,
                           max_prune=max_prune, edge_bits=edge_bits, progress=progress,
-                          on_epoch_end=epoch_printer("abs"), resume_path=state)
+                          on_epoch_end=epoch_printer("abs"), resume_path=state, **unit_targets)
     from abs_deploy.search.bsq import bsq_search
     return bsq_search(fp, data, alpha, act_bits, cfg, target_bops=target, edge_bits=edge_bits,
                       progress=progress, on_epoch_end=epoch_printer("bsq"))
@@ -212,6 +231,36 @@ def _target(text: str, fp: dict) -> float:
     return target
 
 
+def _latency_table(path: str, fp: dict, cands: tuple[int, ...], edge_bits: int
+                   ) -> LatencyTable:
+    """The table, refused in one line unless it was measured for this model, on this machine,
+    over these candidates (how far down its grids reach, the search checks)."""
+    from abs_deploy.latency_table import LatencyTable
+
+    table = LatencyTable.load(path)
+    table.check_for(fp["arch"], fp["input"]["shape"])
+    if not set(cands) <= set(table.candidates) or (edge_bits and
+                                                   edge_bits not in table.candidates):
+        raise CliError(f"{path} was measured for candidates {list(table.candidates)}; this "
+                       f"search uses {list(cands)} (edge {edge_bits}): profile it with them")
+    return table
+
+
+def _unit_targets(method: str, latency: str | None, table, size: str | None) -> list:
+    from abs_deploy.search.costs import Target, parse_latency, parse_size
+
+    if (latency or size or table) and method != "abs":
+        raise CliError("--target-latency, --target-size and --lut are for --method abs")
+    if latency and table is None:
+        raise CliError("--target-latency needs --lut (a latency table from `abs profile`)")
+    targets = []
+    if latency:
+        targets.append(Target("latency", parse_latency(latency, table.fp_original_ms), latency))
+    if size:
+        targets.append(Target("size", parse_size(size), size))
+    return targets
+
+
 def _bits_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(","))
@@ -233,6 +282,15 @@ def print_decision(ckpt: dict, target: float | None = None) -> None:
         if target else ""
     click.echo(f"test top-1 {100 * m['top1']:.2f}% (FP {100 * m['fp_top1']:.2f}%)  "
                f"BOPs {fmt_count(m['bops'])} = FP/{m['fp_bops'] / m['bops']:.1f}{aim}")
+    for t in ckpt.get("targets", []):
+        if t["kind"] != "bops":
+            click.echo(f"{t['kind']} predicted {_unit(t, t['predicted'])}, target "
+                       f"{_unit(t, t['value'])} ({t['text']}): "
+                       f"{100 * (t['predicted'] / t['value'] - 1):+.1f}%")
+
+
+def _unit(t: dict, value: float) -> str:
+    return f"{value:.3g} ms" if t["unit"] == "ms" else f"{value / 1e3:,.1f} KB"
 
 
 @click.command("bops", cls=Command)

@@ -596,8 +596,26 @@ def _use_costs(net: SuperBitNet, targets: Sequence[Target], lut: LatencyTable | 
         raise UserError("a latency target needs a latency table (--lut, from `abs profile`)")
     if lut is not None:
         net.use_cost(LatencyCost(lut, net.order, net.candidates()))
+        _check_grids(net, lut)
     if "size" in kinds:
         net.use_cost(SizeCost(weights))
+
+
+def _check_grids(net: SuperBitNet, lut: LatencyTable) -> None:
+    """Below its grid a table can only guess (interpolation holds the end value): refuse a
+    search that may keep fewer channels than the table measured."""
+    for g in net.groups:
+        g.pinned_kept = g.channels - min(int(net.max_prune * g.channels), g.channels - 1)
+    with torch.no_grad():
+        fewest = net.kept_counts()
+    for g in net.groups:
+        g.pinned_kept = None
+    for name, counts in fewest.items():
+        for side, grid, kept in zip(("output", "input"), lut.grid(name), counts, strict=True):
+            if grid[0] > kept.item() + 1e-9:
+                raise UserError(f"the latency table's {side} grid for {name} starts at "
+                                f"{grid[0]} channels; this search may keep {kept.item():.0f} "
+                                f"(profile with --max-prune {net.max_prune:g})")
 
 
 def _ratio_fn(net: SuperBitNet, targets: Sequence[Target]) -> Callable[[], float]:
