@@ -215,3 +215,31 @@ def test_a_latency_target_without_a_table_is_refused(fp_digits, small_digits):
     with pytest.raises(UserError, match="latency table"):
         abs_search(fp_digits, small_digits, None, TrainConfig(epochs=1),
                    targets=[Target("latency", 1.0, "1ms")])
+
+
+# --- the command line ----------------------------------------------------------------------
+
+def _run(*args):
+    from click.testing import CliRunner
+
+    from abs_deploy.cli import main
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _one_line(result, words: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and words in lines[0], lines
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--target-latency", "0.5x"], "needs --lut"),
+    (["--target-size", "1KB"], "outside what this search space reaches"),
+    (["--target-size", "lots"], "cannot read size target"),
+    (["--target-size", "150KB", "--method", "bsq"], "for --method abs"),
+])
+def test_search_target_errors_are_one_line(fp_digits_path, tmp_path, args, words):
+    out = tmp_path / "s.pt"
+    _one_line(_run("search", fp_digits_path, *args, "--epochs", "1", "-o", out), words)
+    assert not out.exists()
