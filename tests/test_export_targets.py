@@ -129,6 +129,14 @@ def test_a_setting_the_table_lacks_is_a_reason_too():
     assert lat["not_measured"] == "no onnxruntime timing at batch 32, 1 thread(s)"
 
 
+def test_a_latency_target_without_its_tables_setting_is_not_measured_and_says_so():
+    bare = {**TARGETS[1], "lut": {"runtime": "onnxruntime", "batch": "32"}}
+    row = targets.section([bare], bops=0, size=0, weights="int8", file="m.onnx",
+                          timings=TIMINGS, latency_missing=None, warmup=10, versions={},
+                          cpu="Test CPU")[0]
+    assert row["measured"] is None and "does not record" in row["not_measured"]
+
+
 def test_size_counted_for_other_storage_says_so():
     size = _section(weights="int8")[2]
     assert "counted int4" in size["notes"][0] and "stores int8" in size["notes"][0]

@@ -24,10 +24,8 @@ def markdown(r: dict) -> str:
     """report.md. Every value quoted from the report goes through `_md`: a report.json is
     anyone's file, and Markdown viewers render the HTML a string may hold."""
     sections = [_heading(r), _targets(r.get("targets")), _totals(r["totals"]),
-                _accuracy(r["accuracy"]),
-                _parity(r["parity"]), _kernels(r.get("kernels")), _latency(r.get("latency")),
-                _layers(r["layers"]),
-                _notes(r.get("notes"))]
+                _accuracy(r["accuracy"]), _parity(r["parity"]), _kernels(r.get("kernels")),
+                _latency(r.get("latency")), _layers(r["layers"]), _notes(r.get("notes"))]
     # Each section a block of lines; one blank line between blocks.
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
 

@@ -58,9 +58,10 @@ def latency_setting(target: dict | None) -> tuple[str, int, int] | None:
     """(runtime, batch, threads) the latency target was predicted for; None without a
     latency target or without the record of its table."""
     lut = (target or {}).get("lut")
-    if not isinstance(lut, dict):
+    if not isinstance(lut, dict) or not all(
+            isinstance(lut.get(k), int) and lut[k] > 0 for k in ("batch", "threads")):
         return None
-    return str(lut.get("runtime", "onnxruntime")), int(lut["batch"]), int(lut["threads"])
+    return str(lut.get("runtime", "onnxruntime")), lut["batch"], lut["threads"]
 
 
 def size_storage(targets: Sequence[dict]) -> str | None:
@@ -167,8 +168,9 @@ def _latency(row: dict, t: dict, timings: Sequence[Timing], missing: str | None,
         "runs": ours.runs, "warmup": warmup, "statistic": "median",
         "order": "the models take turns run by run"})
     fp = _median(timings, FP_MODEL[runtime], batch, threads)
-    if str(row["text"]).strip().lower().endswith("x") and fp:
-        row["relative"] = {"target": row["value"] / t["lut"]["fp_original_ms"],
+    fp_then = t["lut"].get("fp_original_ms")
+    if str(row["text"]).strip().lower().endswith("x") and fp and _number(fp_then):
+        row["relative"] = {"target": row["value"] / fp_then,
                            "measured": ours.median_ms / fp.median_ms,
                            "fp_original_ms": fp.median_ms}
     row["notes"] += _table_differs(t["lut"], versions.get(runtime), cpu)
