@@ -26,6 +26,7 @@ from abs_deploy.export.report_format import (
     models_of,
     pct,
     runtimes,
+    target_line,
 )
 
 if TYPE_CHECKING:
@@ -41,8 +42,9 @@ if TYPE_CHECKING:
                    "The pruned float model and report.{json,md,png} go beside it.")
 @click.option("--opset", type=click.IntRange(13, onnx.defs.onnx_opset_version()), default=21,
               show_default=True)
-@click.option("--weights", type=click.Choice(["int8", "int4"]), default="int8",
-              show_default=True, help="int4: packed INT4 initializers for weights of <= 4 bits.")
+@click.option("--weights", type=click.Choice(["int8", "int4"]), default=None,
+              help="int4: packed INT4 initializers for weights of <= 4 bits (default: the "
+                   "storage the checkpoint's size target was counted for, else int8).")
 @click.option("--no-simplify", is_flag=True, help="Skip onnxsim.")
 @click.option("--skip-latency", is_flag=True, help="Skip the ORT latency measurement.")
 @click.option("--dataset", type=click.Choice(DATASETS), default=None,
@@ -91,13 +93,16 @@ def _announce(step: str) -> None:
 
 
 def print_summary(result: ExportResult) -> None:
-    """One screen: files, BOPs and size ratios, accuracy, parity, latency, the fastest file."""
+    """One screen: files, each target against its measurement, BOPs and size ratios,
+    accuracy, parity, latency, the fastest file."""
     r = result.report
     click.echo(f"exported {r['arch']} ({r['stage']}, {r['method']}) in {result.seconds:.1f} s "
                f"-> {result.files['onnx'].parent}/")
     click.echo("  files   " + ", ".join(
         f"{p.name} ({_size(p.stat().st_size)})" if p.suffix in (".onnx", ".ort") else p.name
         for p in result.files.values()))
+    for i, row in enumerate(r.get("targets") or []):
+        click.echo(("  targets " if i == 0 else "          ") + target_line(row))
     _print_totals(r["totals"])
     _print_accuracy(r["accuracy"], r["dataset"])
     _print_parity(r["parity"])

@@ -28,6 +28,8 @@ from abs_deploy.export.report_format import (
     model_label,
     parity_sentences,
     pct,
+    target_cells,
+    target_notes,
     totals_labels,
     uses_openvino,
 )
@@ -44,6 +46,9 @@ def render(report: dict) -> str:
     body = [
         f"<h1>{esc(title)}</h1>",
         f"<p class=\"sub\">{_header_line(r)}</p>",
+        # Only a checkpoint searched for targets has them; any other page is as before.
+        *([_section("targets", "Targets", _targets_table(r["targets"]))]
+          if r.get("targets") else []),
         _section("totals", "Totals", _totals_table(r["totals"])),
         _section("accuracy", "Accuracy (top-1)", _accuracy_table(r["accuracy"])),
         _section("parity", "Parity", _parity_list(r["parity"])),
@@ -94,6 +99,15 @@ def _header_line(r: dict) -> str:
                      + (", simplified" if opts.get("simplified") else ""))
     parts.append(f"checkpoint <code>{esc(r['checkpoint'])}</code>")
     return " &middot; ".join(parts)
+
+
+def _targets_table(rows: list[dict]) -> str:
+    notes = target_notes(rows)
+    return (_table(("target", "predicted", "measured", "error"),
+                   [tuple(esc(c) for c in target_cells(row)) for row in rows],
+                   numeric_from=1, numeric_to=2)
+            + ("<ul>" + "".join(f"<li>{esc(n)}</li>" for n in notes) + "</ul>" if notes
+               else ""))
 
 
 def _totals_table(t: dict) -> str:

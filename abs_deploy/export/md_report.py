@@ -14,6 +14,8 @@ from abs_deploy.export.report_format import (
     parity_sentences,
     pct,
     runtimes,
+    target_cells,
+    target_notes,
     totals_labels,
 )
 
@@ -21,10 +23,9 @@ from abs_deploy.export.report_format import (
 def markdown(r: dict) -> str:
     """report.md. Every value quoted from the report goes through `_md`: a report.json is
     anyone's file, and Markdown viewers render the HTML a string may hold."""
-    sections = [_heading(r), _totals(r["totals"]), _accuracy(r["accuracy"]),
-                _parity(r["parity"]), _kernels(r.get("kernels")), _latency(r.get("latency")),
-                _layers(r["layers"]),
-                _notes(r.get("notes"))]
+    sections = [_heading(r), _targets(r.get("targets")), _totals(r["totals"]),
+                _accuracy(r["accuracy"]), _parity(r["parity"]), _kernels(r.get("kernels")),
+                _latency(r.get("latency")), _layers(r["layers"]), _notes(r.get("notes"))]
     # Each section a block of lines; one blank line between blocks.
     return "\n\n".join("\n".join(lines) for lines in sections if lines) + "\n"
 
@@ -36,6 +37,16 @@ def _heading(r: dict) -> list[str]:
             f"{_md(r['input_shape'])}, validated on the test split of {_md(r['dataset'])} "
             f"({_md(r['accuracy']['images'])} images). ONNX opset {_md(opts['opset'])}, weights "
             f"{_md(opts['weights'])}."]
+
+
+def _targets(rows: list[dict] | None) -> list[str]:
+    """The checkpoint's targets, predicted and measured; none for a checkpoint without."""
+    if not rows:
+        return []
+    lines = ["## Targets", "", "| target | predicted | measured | error |", "|---|---:|---|---|"]
+    lines += ["| " + " | ".join(_md(c) for c in target_cells(row)) + " |" for row in rows]
+    notes = target_notes(rows)
+    return lines + ([""] + [f"- {_md(n)}" for n in notes] if notes else [])
 
 
 def _totals(t: dict) -> list[str]:

@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
+import onnxruntime
 import torch
 
 from abs_deploy import bops, graph
 from abs_deploy.checkpoint import load_checkpoint
 from abs_deploy.data import Dataset, dataset_for
 from abs_deploy.errors import UserError
-from abs_deploy.export import openvino_runtime, ort_format, report
+from abs_deploy.export import openvino_runtime, ort_format, report, targets
 from abs_deploy.export.collapse import Collapsed, collapse
 from abs_deploy.export.errors import ExportFailed
 from abs_deploy.export.kernels import Kernels, onnxruntime_kernels, openvino_kernels
@@ -51,7 +52,9 @@ WEIGHTS = ("int8", "int4")
 class ExportOptions:
     output: str | os.PathLike | None = None  # default: the checkpoint's name with .onnx
     opset: int = 21
-    weights: str = "int8"  # "int4": packed INT4 initializers for weights of <= 4 bits
+    # "int4": packed INT4 initializers for weights of <= 4 bits. None: the storage the
+    # checkpoint's size target was counted for, else int8.
+    weights: str | None = None
     simplify: bool = True
     latency: bool = True
     dataset: str | None = None  # default: the one the checkpoint names
@@ -109,6 +112,8 @@ def _export(ckpt_path: Path, opts: ExportOptions, progress: Progress,
     try:
         with step("load"):
             ckpt = load_checkpoint(ckpt_path, stages=("searched", "finetuned"))
+            goals = targets.read(ckpt)
+            opts = _with_weights(opts, goals)
         with step("collapse"):
             col = collapse(ckpt, opts.reduce_range)
         with step("data"):
@@ -131,15 +136,16 @@ def _export(ckpt_path: Path, opts: ExportOptions, progress: Progress,
             with step("ort format"):
                 ort_file = _ort_format(files, pruned, checks, batches, progress,
                                        tmp / f"{out.stem}.ort")
+        timed = _TargetLatency.of(goals, opts)
         timings: list[Timing] = []
         if opts.latency:
             with step("latency"):
-                timings = _latency(files, col.input_shape, opts, progress)
+                timings = _latency(files, col.input_shape, opts, progress, timed)
         with step("report"):
             paths = _save_models(files, tmp, out, ort_file)
             rep = _report(ckpt, ckpt_path, col, pruned, files, checks, timings=timings,
                           kernels=used, dataset=data.name, opts=opts, paths=paths,
-                          steps=steps, started=t0)
+                          steps=steps, started=t0, goals=goals, timed=timed)
             paths.update(report.write(rep, tmp))
         final = _move_into_place(paths, out.parent)
     finally:
@@ -147,8 +153,53 @@ def _export(ckpt_path: Path, opts: ExportOptions, progress: Progress,
     return ExportResult(final, rep, time.perf_counter() - t0, steps)
 
 
+def _with_weights(opts: ExportOptions, goals: list[dict]) -> ExportOptions:
+    """`weights` left open: the storage the checkpoint's size target counted (else int8), so
+    the file's weights take the bytes the search aimed at. One given explicitly stays; the
+    size target's row then says that its storage differs."""
+    if opts.weights is not None:
+        return opts
+    weights = targets.size_storage(goals) or "int8"
+    if weights not in WEIGHTS:
+        raise UserError(f"the checkpoint's size target counts {weights!r} weights; this "
+                        f"version stores {', '.join(WEIGHTS)}")
+    if weights == "int4" and opts.opset < 21:
+        raise UserError(f"the checkpoint's size target counts packed int4 weights, which need "
+                        f"opset 21 or later (got --opset {opts.opset}); give --opset 21, or "
+                        "--weights int8 to store them a byte each")
+    return dataclasses.replace(opts, weights=weights)
+
+
+@dataclass
+class _TargetLatency:
+    """The setting a latency target was predicted for, if this export times it, and why not
+    otherwise: a target is never left blank without a reason."""
+    setting: tuple[str, int, int] | None = None  # (runtime, batch, threads)
+    missing: str | None = None
+
+    @classmethod
+    def of(cls, goals: list[dict], opts: ExportOptions) -> _TargetLatency:
+        target = targets.find(goals, "latency")
+        setting = targets.latency_setting(target)
+        if target is None or setting is None:
+            return cls()  # nothing to time, or targets.section says what the record lacks
+        if not opts.latency:
+            return cls(missing="not measured: the export ran with --skip-latency")
+        if setting[0] not in openvino_runtime.RUNTIMES:
+            return cls(missing=f"not measured: the table's runtime {setting[0]!r} is unknown "
+                               f"here (known: {', '.join(openvino_runtime.RUNTIMES)})")
+        if setting[0] == "openvino" and not openvino_runtime.available():
+            return cls(missing="not measured: the table is OpenVINO's and OpenVINO is not "
+                               "installed (pip install 'abs-deploy[openvino]')")
+        return cls(setting)
+
+    @property
+    def openvino(self) -> bool:
+        return self.setting is not None and self.setting[0] == "openvino"
+
+
 def _check_options(opts: ExportOptions) -> None:
-    if opts.weights not in WEIGHTS:
+    if opts.weights is not None and opts.weights not in WEIGHTS:
         raise UserError(f"--weights must be one of {', '.join(WEIGHTS)}, got {opts.weights!r}")
     for rt in opts.check_runtimes:
         if rt != "openvino":
@@ -228,17 +279,22 @@ def _ort_format(files: _Files, pruned: _Pruned, checks: _Checks, batches: Batche
 
 
 def _latency(files: _Files, input_shape: list[int], opts: ExportOptions,
-             progress: Progress) -> list[Timing]:
-    threads = tuple(sorted({1, opts.threads or all_threads()}))
+             progress: Progress, timed: _TargetLatency) -> list[Timing]:
+    """Every model at every batch and thread count asked for, and at the setting a latency
+    target was predicted for, so that the target is measured in the same run as the rest."""
+    batches, threads = set(opts.latency_batches), {1, opts.threads or all_threads()}
+    if timed.setting:
+        batches.add(timed.setting[1])
+        threads.add(timed.setting[2])
     models = {"fp_original": files.original, "fp_pruned": files.fp32, "qcdq": files.qcdq}
     runtimes = {}
-    if "openvino" in opts.check_runtimes:
+    if "openvino" in opts.check_runtimes or timed.openvino:
         # All three again: a runtime is judged against its own float baseline.
         for name in list(models):
             models[f"{name}_openvino"] = models[name]
             runtimes[f"{name}_openvino"] = "openvino"
-    return measure(models, input_shape, opts.latency_batches, threads, opts.latency_runs,
-                   progress=progress, runtimes=runtimes)
+    return measure(models, input_shape, tuple(sorted(batches)), tuple(sorted(threads)),
+                   opts.latency_runs, progress=progress, runtimes=runtimes)
 
 
 def _save_models(files: _Files, folder: Path, out: Path, ort_file: Path | None
@@ -262,12 +318,14 @@ def _kernels(model: onnx.ModelProto, runtimes: tuple[str, ...]) -> list[Kernels]
 def _report(ckpt: dict, ckpt_path: Path, col: Collapsed, pruned: _Pruned, files: _Files,
             checks: _Checks, *, timings: list[Timing], kernels: list[Kernels], dataset: str,
             opts: ExportOptions, paths: dict[str, Path], steps: dict[str, float],
-            started: float) -> dict:
+            started: float, goals: list[dict], timed: _TargetLatency) -> dict:
     """All of report.json. `paths` are the model files written beside it, `steps` the time
-    each step took before the report, `started` the export's start on `time.perf_counter`."""
+    each step took before the report, `started` the export's start on `time.perf_counter`;
+    `goals` the checkpoint's targets, `timed` how their latency was timed."""
     costs = bops.layer_costs(col.original, tuple(col.input_shape))
     rows = report.layer_rows(col.layers, costs, pruned.in_kept, pruned.float_model,
                              col.original, files.quant)
+    cpu = _cpu(opts, timed.openvino)
     return {
         "format": report.FORMAT,
         "checkpoint": str(ckpt_path), "stage": ckpt["stage"],
@@ -286,7 +344,9 @@ def _report(ckpt: dict, ckpt_path: Path, col: Collapsed, pruned: _Pruned, files:
         "checkpoint_metrics": ckpt.get("metrics", {}),
         "parity": {**report.parity_section(checks.pruning, checks.off, checks.full),
                    **_more_parity(checks)},
-        "latency": report.latency_section(timings, _cpu(opts), WARMUP),
+        "latency": report.latency_section(timings, cpu, WARMUP),
+        **_targets(goals, timed, rows, files.qcdq, str(opts.weights), paths["onnx"].name,
+                   timings, cpu),
         "kernels": {k.runtime: k.as_dict() for k in kernels},
         "notes": col.notes + _notes(rows, bool(col.streams)),
         "history": report.history_section(ckpt.get("history")),
@@ -294,6 +354,19 @@ def _report(ckpt: dict, ckpt_path: Path, col: Collapsed, pruned: _Pruned, files:
         # Last: the total runs until the report is complete, just before it is written.
         "seconds": {**steps, "total": time.perf_counter() - started},
     }
+
+
+def _targets(goals: list[dict], timed: _TargetLatency, rows: list[dict],
+             qcdq: onnx.ModelProto, weights: str, file: str, timings: list[Timing],
+             cpu: str) -> dict:
+    """The "targets" entry of report.json; none at all for a checkpoint without targets, whose
+    report stays as it was before targets existed."""
+    if not goals:
+        return {}
+    return {"targets": targets.section(
+        goals, bops=sum(r["bops"] for r in rows), size=targets.weight_bytes(qcdq),
+        weights=weights, file=file, timings=timings, latency_missing=timed.missing,
+        warmup=WARMUP, versions=_versions(timings), cpu=cpu)}
 
 
 def _more_parity(checks: _Checks) -> dict:
@@ -476,10 +549,20 @@ def _fp_accuracy(ckpt: dict, float_accuracy: float) -> tuple[float, str]:
     return float_accuracy, "float weights"
 
 
-def _cpu(opts: ExportOptions) -> str:
-    if "openvino" in opts.check_runtimes:
+def _cpu(opts: ExportOptions, openvino_timed: bool = False) -> str:
+    if "openvino" in opts.check_runtimes or openvino_timed:
         return f"{cpu_name()}; {openvino_runtime.device_name()}"
     return cpu_name()
+
+
+def _versions(timings: list[Timing]) -> dict[str, str]:
+    """The version of each runtime the latency rows were timed in."""
+    out = {"onnxruntime": onnxruntime.__version__}
+    if any(t.model.endswith("_openvino") for t in timings):
+        import openvino
+
+        out["openvino"] = openvino.__version__
+    return out
 
 
 def _arch_name(arch: dict) -> str:

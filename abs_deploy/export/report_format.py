@@ -127,6 +127,78 @@ def kernel_sentences(kernels: dict | None) -> list[str]:
     return out
 
 
+_RUNTIME_SHORT = {"onnxruntime": "ORT", "openvino": "OpenVINO"}
+_TARGET_KINDS = {"bops": "BOPs", "latency": "latency", "size": "size"}
+
+
+def target_cells(row: dict) -> tuple[str, str, str, str]:
+    """A row of report.json's "targets" as (target, predicted, measured, error), the cells
+    of the views' Targets table."""
+    unit = row.get("unit")
+    target = f"{_TARGET_KINDS.get(row['kind'], row['kind'])} {amount(row['value'], unit)}"
+    if row.get("text"):
+        target += f" ({row['text']})"
+    if row.get("measured") is None:
+        measured = row.get("not_measured") or "not measured"
+    else:
+        measured = f"{amount(row['measured'], unit)} ({target_setting(row)})" + \
+            _relative(row.get("relative"))
+    return target, amount(row.get("predicted"), unit), measured, target_error(row)
+
+
+def target_line(row: dict) -> str:
+    """One target in one line, for the `abs-export` summary."""
+    unit = row.get("unit")
+    kind = _TARGET_KINDS.get(row["kind"], row["kind"])
+    aim = f"target {amount(row['value'], unit)}" + (f" ({row['text']})" if row.get("text")
+                                                     else "")
+    predicted = f"predicted {amount(row.get('predicted'), unit)}"
+    if row.get("measured") is None:
+        return f"{kind} {row.get('not_measured') or 'not measured'}; {aim}, {predicted}"
+    line = (f"{kind} {amount(row['measured'], unit)} measured ({target_setting(row)}) vs {aim}, "
+            f"{predicted}: {target_error(row)}")
+    return line + _relative(row.get("relative"))
+
+
+def _relative(rel: dict | None) -> str:
+    """A latency target given as a fraction of the FP original ("0.5x"), measured as one: the
+    FP original timed in the same run and setting."""
+    if not rel:
+        return ""
+    return (f"; {rel['measured']:.2f}x the FP original's {amount(rel['fp_original_ms'], 'ms')} "
+            f"in the same run (target {rel['target']:.2f}x)")
+
+
+def target_setting(row: dict) -> str:
+    """How a target's value was measured, in a few words."""
+    how = row.get("how") or {}
+    if row["kind"] == "latency":
+        threads = how.get("threads")
+        return (f"{_RUNTIME_SHORT.get(how.get('runtime'), how.get('runtime'))}, batch "
+                f"{how.get('batch')}, {threads} thread{'' if threads == 1 else 's'}, median of "
+                f"{how.get('runs')} runs")
+    if row["kind"] == "size":
+        return f"{how.get('weights')} weights stored in {how.get('artifact')}"
+    return "the exported decision, exact"
+
+
+def target_error(row: dict) -> str:
+    """Measured against the target and against the prediction, signed: +3.0% is over."""
+    vs_target, vs_predicted = row.get("error_vs_target"), row.get("error_vs_predicted")
+    if vs_target is None:
+        return "n/a"
+    text = f"{100 * vs_target:+.1f}% vs target"
+    return text + (f", {100 * vs_predicted:+.1f}% vs predicted" if vs_predicted is not None
+                   else "")
+
+
+def target_notes(rows: list[dict] | None) -> list[str]:
+    """What a reader must know beside the Targets table (a table measured elsewhere, another
+    weight storage), each note naming its target."""
+    return [f"{_TARGET_KINDS.get(r['kind'], r['kind'])} target: {n}" for r in rows or []
+            for n in r.get("notes") or []]
+
+
 # --- numbers -----------------------------------------------------------------------------------
 
 
@@ -135,6 +207,19 @@ def count(n: float) -> str:
         if abs(n) >= div:
             return f"{n / div:.2f} {unit}"
     return f"{n:,.0f}"
+
+
+def amount(v: float | None, unit: str | None) -> str:
+    """A target's value in its unit: ms, bytes (K/M steps of 1000) or a count (BOPs: the
+    target's kind already names the unit)."""
+    if v is None:
+        return "n/a"
+    if unit == "ms":
+        return f"{v:.2f} ms" if v >= 1 else f"{v:.3g} ms"
+    text = count(v)
+    if unit == "bytes":
+        return text + ("B" if text[-1].isalpha() else " B")
+    return text
 
 
 def pct(v: float | None, digits: int = 2) -> str:
