@@ -4,7 +4,6 @@ thread count, after warm-up, over at least `runs` timed runs; median and 90th pe
 from __future__ import annotations
 
 import os
-import platform
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -36,18 +35,6 @@ def all_threads() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         return os.cpu_count() or 1
-
-
-def cpu_name() -> str:
-    """The CPU's model name as the OS reports it."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def measure(models: dict[str, onnx.ModelProto], input_shape: list[int],

@@ -24,7 +24,7 @@ from abs_deploy.export import openvino_runtime, ort_format, report
 from abs_deploy.export.collapse import Collapsed, collapse
 from abs_deploy.export.errors import ExportFailed
 from abs_deploy.export.kernels import Kernels, onnxruntime_kernels, openvino_kernels
-from abs_deploy.export.latency import MIN_RUNS, WARMUP, Timing, all_threads, cpu_name, measure
+from abs_deploy.export.latency import MIN_RUNS, WARMUP, Timing, all_threads, measure
 from abs_deploy.export.onnx_graph import build_onnx, capture
 from abs_deploy.export.prune import prune
 from abs_deploy.export.qdq import ActQuant
@@ -40,6 +40,7 @@ from abs_deploy.export.validate import (
     check_qcdq,
 )
 from abs_deploy.files import check_output, discard, reason, same_file, temp_dir
+from abs_deploy.machine import cpu_name
 from abs_deploy.progress import Progress, no_progress
 from abs_deploy.quant import int_range
 
