@@ -37,7 +37,7 @@ def all_threads() -> int:
         return os.cpu_count() or 1
 
 
-def measure(models: dict[str, onnx.ModelProto], input_shape: list[int],
+def measure(models: dict[str, onnx.ModelProto], input_shape: list[int] | dict[str, list[int]],
             batches: tuple[int, ...] = (1, 32), threads: tuple[int, ...] | None = None,
             runs: int = MIN_RUNS, warmup: int = WARMUP,
             progress: Callable[[Iterable, int, str], Iterable] | None = None,
@@ -49,6 +49,8 @@ def measure(models: dict[str, onnx.ModelProto], input_shape: list[int],
     everything runs up to 1.7x slower, long enough to cover a whole block of one model's
     runs)."""
     runtimes = runtimes or {}
+    # One shape for all, or each model its own (the layer pieces `abs profile` times).
+    shapes = input_shape if isinstance(input_shape, dict) else dict.fromkeys(models, input_shape)
     threads = threads or tuple(sorted({1, all_threads()}))
     runs = max(runs, MIN_RUNS)
     rng = np.random.default_rng(0)
@@ -56,7 +58,8 @@ def measure(models: dict[str, onnx.ModelProto], input_shape: list[int],
     steps = progress(plan, len(plan), "latency") if progress else plan
     out, sessions = [], {}
     for b, t in steps:
-        x = rng.standard_normal([b, *input_shape[1:]]).astype(np.float32)
+        xs = {name: rng.standard_normal([b, *shapes[name][1:]]).astype(np.float32)
+              for name in models}
         for name, model in models.items():
             if (name, t) not in sessions:
                 # Pool threads sleep instead of spinning between operators: on a machine that
@@ -64,7 +67,7 @@ def measure(models: dict[str, onnx.ModelProto], input_shape: list[int],
                 # (measured here: 3x slower at two threads on a busy 2-core machine).
                 sessions[name, t] = runtime_session(model, runtimes.get(name, "onnxruntime"),
                                                     threads=t)
-        feeds = {name: {sessions[name, t].get_inputs()[0].name: x} for name in models}
+        feeds = {name: {sessions[name, t].get_inputs()[0].name: xs[name]} for name in models}
         times = {name: np.empty(runs) for name in models}
         for i in range(-warmup, runs):
             for name in models:

@@ -81,12 +81,12 @@ def export_model(checkpoint: str | os.PathLike, options: ExportOptions | None = 
     """Export a `searched`/`finetuned` checkpoint (DESIGN §9). Raises `UserError` for bad input
     and `ExportFailed` when a check misses; in both cases no file is left behind."""
     opts = options or ExportOptions()
-    with _one_torch_thread():
+    with one_torch_thread():
         return _export(Path(checkpoint), opts, progress, on_step)
 
 
 @contextlib.contextmanager
-def _one_torch_thread():
+def one_torch_thread():
     """PyTorch's OpenMP pool and ONNX Runtime's pool take turns on the same cores during
     validation; with two OpenMP threads every parallel region waits for a descheduled peer
     whenever anything else runs (measured: the export takes twice as long on a busy 2-core
@@ -155,6 +155,18 @@ def _check_options(opts: ExportOptions) -> None:
         if rt != "openvino":
             raise UserError(f"unknown runtime {rt!r} to check; known: openvino")
         openvino_runtime.require()
+
+
+def qcdq_files(col: Collapsed, opts: ExportOptions | None = None
+               ) -> tuple[onnx.ModelProto, dict[str, ActQuant], onnx.ModelProto | None]:
+    """The QCDQ model `export_model` writes for `col` (simplified unless `opts.simplify` is
+    off), what each layer's activation quantizer became in it, and the FP original (built
+    when `opts.latency`), without any check: for timing the file as it would be emitted
+    (`abs profile`), where the checks have nothing to check."""
+    opts = opts or ExportOptions()
+    files = _Files.build(col, _prune(col), {}, opts)
+    qcdq = simplify(files.qcdq) if opts.simplify else files.qcdq
+    return qcdq, files.quant, files.original
 
 
 @dataclass
