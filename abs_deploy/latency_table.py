@@ -21,7 +21,7 @@ File format (JSON, written atomically; `FORMAT`, `VERSION`):
      "model": {"arch": {...}, "input_shape": [1, C, H, W], "fingerprint": "<16 hex>"},
      "runtime": {"name": "onnxruntime" | "openvino", "version": "1.32.0"},
      "machine": {"cpu": "<model name>", "cores": 2},
-     "setting": {"batch": 32, "threads": 1},
+     "setting": {"batch": 32, "threads": 1, "clock": "cpu"},  # "cpu": process CPU time
      "candidates": [2, 4, 8], "edge_bits": 8 | null, "max_prune": 0.5, "grid_points": 4,
      "streams": false,
      "method": {"warmup": 10, "runs": 50, "statistic": "median", "order": "..."},
@@ -77,6 +77,7 @@ class LatencyTable:
             self.runtime_version: str = str(record["runtime"]["version"])
             self.batch: int = int(record["setting"]["batch"])
             self.threads: int = int(record["setting"]["threads"])
+            self.clock: str = str(record["setting"].get("clock", "wall"))
             self.machine: dict = dict(record["machine"])
             self.candidates: tuple[int, ...] = tuple(int(b) for b in record["candidates"])
             edge = record["edge_bits"]

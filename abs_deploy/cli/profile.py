@@ -22,6 +22,10 @@ RUNTIME_NAMES = {"ort": "onnxruntime", "openvino": "openvino"}
               show_default=True)
 @click.option("--batch", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--threads", type=click.IntRange(1), default=1, show_default=True)
+@click.option("--clock", type=click.Choice(["auto", "cpu", "wall"]), default="auto",
+              show_default=True,
+              help="Time runs by this process's CPU time (auto: on one thread, where other "
+                   "work on the machine then does not count) or by the wall clock.")
 @click.option("--candidates", default="2,4,8", show_default=True,
               help="Bit widths the search may choose for weights and activations.")
 @click.option("--edge-bits", type=click.IntRange(2, 8), default=8, show_default=True,
@@ -44,8 +48,9 @@ RUNTIME_NAMES = {"ort": "onnxruntime", "openvino": "openvino"}
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
 @model_code_options
 @guarded
-def profile_cmd(model, runtime, batch, threads, candidates, edge_bits, max_prune, grid_points,
-                streams, num_classes, input_shape, runs, warmup, fit_decisions, output):
+def profile_cmd(model, runtime, batch, threads, clock, candidates, edge_bits, max_prune,
+                grid_points, streams, num_classes, input_shape, runs, warmup, fit_decisions,
+                output):
     """Latency lookup table of MODEL (zoo name or fp checkpoint) on this machine: each layer
     as the export emits it, per candidate bits and kept channels, plus the whole FP model.
     An existing OUTPUT of the same model, runtime, machine and setting is reused and
@@ -54,15 +59,15 @@ def profile_cmd(model, runtime, batch, threads, candidates, edge_bits, max_prune
 
     check_output(output, [model] if Path(model).is_file() else [])
     arch, shape = _model(model, num_classes, input_shape)
-    opts = ProfileOptions(RUNTIME_NAMES[runtime], batch, threads, _bits_list(candidates),
+    opts = ProfileOptions(RUNTIME_NAMES[runtime], batch, threads, clock, _bits_list(candidates),
                           edge_bits, max_prune, grid_points, streams, runs, warmup,
                           fit_decisions)
     r = profile(arch, shape, output, opts, progress)
     t = r.table
     click.echo(f"{len(t.layers())} layers on {t.runtime} {t.runtime_version} "
-               f"(batch {t.batch}, {t.threads} thread(s)): measured {r.measured} layer "
-               f"piece(s) and {r.whole_models} whole model(s) in {r.exports} export(s), "
-               f"reused {r.reused} grid cell(s); {r.seconds:.0f} s")
+               f"(batch {t.batch}, {t.threads} thread(s), {t.clock} clock): measured "
+               f"{r.measured} layer piece(s) and {r.whole_models} whole model(s) in "
+               f"{r.exports} export(s), reused {r.reused} grid cell(s); {r.seconds:.0f} s")
     constant, _ = t.overhead()
     fit = t.fit
     click.echo(f"FP original {t.fp_original_ms:.3f} ms; overhead {constant:.3f} ms + per "

@@ -15,6 +15,7 @@ from abs_deploy.export.validate import runtime_session
 
 MIN_RUNS = 50
 WARMUP = 10  # untimed runs per model and setting before the timed ones
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 @dataclass
@@ -41,13 +42,22 @@ def measure(models: dict[str, onnx.ModelProto], input_shape: list[int] | dict[st
             batches: tuple[int, ...] = (1, 32), threads: tuple[int, ...] | None = None,
             runs: int = MIN_RUNS, warmup: int = WARMUP,
             progress: Callable[[Iterable, int, str], Iterable] | None = None,
-            runtimes: dict[str, str] | None = None) -> list[Timing]:
+            runtimes: dict[str, str] | None = None, clock: str = "wall") -> list[Timing]:
     """Every (model, batch, threads) combination; `runtimes` names the models to run in
     OpenVINO instead of ONNX Runtime. Within one (batch, threads) setting the models take
     turns run by run, so a burst of other work on the machine slows all of them alike instead
     of whichever happened to be timed then (measured here: this machine has phases in which
     everything runs up to 1.7x slower, long enough to cover a whole block of one model's
-    runs)."""
+    runs).
+
+    `clock="cpu"` times each run by this process's CPU time instead of the wall clock: on one
+    thread that is the run's latency on an idle machine, and the slices other processes take
+    of the core do not count (measured on this 2-core machine at load 4-5: the wall-clock
+    median of one model moved 1.75x between two runs minutes apart). Only meaningful when the
+    run computes on one thread of this process."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {', '.join(CLOCKS)}, got {clock!r}")
+    now = CLOCKS[clock]
     runtimes = runtimes or {}
     # One shape for all, or each model its own (the layer pieces `abs profile` times).
     shapes = input_shape if isinstance(input_shape, dict) else dict.fromkeys(models, input_shape)
@@ -71,10 +81,10 @@ def measure(models: dict[str, onnx.ModelProto], input_shape: list[int] | dict[st
         times = {name: np.empty(runs) for name in models}
         for i in range(-warmup, runs):
             for name in models:
-                t0 = time.perf_counter()
+                t0 = now()
                 sessions[name, t].run(None, feeds[name])
                 if i >= 0:
-                    times[name][i] = time.perf_counter() - t0
+                    times[name][i] = now() - t0
         out += [Timing(name, b, t, float(np.median(v) * 1e3),
                        float(np.percentile(v, 90) * 1e3), runs) for name, v in times.items()]
     return out

@@ -60,7 +60,7 @@ from abs_deploy.checkpoint import build_arch, make_checkpoint
 from abs_deploy.decision import FLOAT_BITS, Decision, LayerDecision
 from abs_deploy.errors import UserError
 from abs_deploy.export.collapse import collapse
-from abs_deploy.export.latency import MIN_RUNS, WARMUP, measure
+from abs_deploy.export.latency import CLOCKS, MIN_RUNS, WARMUP, measure
 from abs_deploy.export.pipeline import ExportOptions, one_torch_thread, qcdq_files
 from abs_deploy.files import write_bytes
 from abs_deploy.latency_table import LatencyTable, bits_key, fingerprint
@@ -80,6 +80,7 @@ class ProfileOptions:
     runtime: str = "onnxruntime"
     batch: int = 32
     threads: int = 1
+    clock: str = "auto"  # "cpu" (this process's CPU time) on one thread, else "wall"
     candidates: tuple[int, ...] = (2, 4, 8)
     edge_bits: int | None = 8  # first and last layer; None: like the others
     max_prune: float = 0.5
@@ -135,8 +136,19 @@ def _check_options(opts: ProfileOptions) -> None:
         raise UserError(f"edge bits must be from 2 to 8, got {opts.edge_bits}")
     if not 0 <= opts.max_prune < 1:
         raise UserError(f"max prune must be in [0, 1), got {opts.max_prune}")
+    if opts.clock not in ("auto", *CLOCKS):
+        raise UserError(f"clock must be auto, {' or '.join(CLOCKS)}, got {opts.clock!r}")
     if opts.grid_points < 1 or opts.batch < 1 or opts.threads < 1 or opts.fit_decisions < 2:
         raise UserError("grid points, batch and threads must be positive, fit decisions >= 2")
+
+
+def clock_for(opts: ProfileOptions) -> str:
+    """The clock runs are timed by: CPU time on one thread, where it is the latency of an idle
+    machine whatever else runs (latency.measure); the wall clock on several, where CPU time
+    would add the threads up."""
+    if opts.clock != "auto":
+        return opts.clock
+    return "cpu" if opts.threads == 1 else "wall"
 
 
 def runtime_version(runtime: str) -> str:
@@ -298,11 +310,15 @@ class _Model:
                                {**self.module.state_dict(), **clips}, Decision(decision),
                                method="profile", **extra)
 
-    def random_decision(self, rng: random.Random
+    def random_decision(self, rng: random.Random, extreme: str | None = None
                         ) -> tuple[dict[str, tuple[int, int]], dict[int, int]]:
+        """Random bits per layer; per group a random kept count, or with `extreme` "fewest"
+        or "most" the grid's end."""
         cands = self.opts.candidates
         bits = {n: self.bits_of(n, (rng.choice(cands), rng.choice(cands))) for n in self.order}
-        kept = {gid: rng.randint(grid[0], grid[-1]) for gid, grid in self.grids.items()}
+        kept = {gid: {"fewest": grid[0], "most": grid[-1]}.get(extreme or "",
+                                                                rng.randint(grid[0], grid[-1]))
+                for gid, grid in self.grids.items()}
         return bits, kept
 
 
@@ -389,7 +405,8 @@ def _header(model: _Model, opts: ProfileOptions) -> dict:
                       "fingerprint": fingerprint(model.arch, model.input_shape)},
             "runtime": {"name": opts.runtime, "version": runtime_version(opts.runtime)},
             "machine": this_machine(),
-            "setting": {"batch": opts.batch, "threads": opts.threads},
+            "setting": {"batch": opts.batch, "threads": opts.threads,
+                        "clock": clock_for(opts)},
             "candidates": list(opts.candidates), "edge_bits": opts.edge_bits,
             "streams": opts.streams}
 
@@ -500,7 +517,7 @@ class _Run:
                   for k, p in models.items()}
         runtimes = dict.fromkeys(models, self.opts.runtime)
         timings = measure(models, shapes, (self.opts.batch,), (self.opts.threads,), self.runs,
-                          self.opts.warmup, runtimes=runtimes)
+                          self.opts.warmup, runtimes=runtimes, clock=clock_for(self.opts))
         return {t.model: t.median_ms for t in timings}
 
     def _assemble(self) -> None:
@@ -521,14 +538,14 @@ class _Run:
         st.record.update({
             "max_prune": self.opts.max_prune, "grid_points": self.opts.grid_points,
             "method": {"warmup": self.opts.warmup, "runs": self.runs, "statistic": "median",
-                       "order": ORDER},
+                       "clock": clock_for(self.opts), "order": ORDER},
             "layers": entries})
 
     def overhead(self) -> None:
         """Fit c_0 and the per-channel slope on whole exports at random decisions."""
         m, st, opts = self.model, self.state, self.opts
         fit_key = {"decisions": opts.fit_decisions, "seed": opts.seed,
-                   "max_prune": opts.max_prune}
+                   "max_prune": opts.max_prune, "design": "extremes+random"}
         cached = st.cache.get("fit")
         if not cached or cached.get("key") != fit_key:
             cached = self._measure_fit(fit_key)
@@ -570,7 +587,11 @@ class _Run:
         m = self.model
         rng = random.Random(f"overhead-{self.opts.seed}")
         models, choices = {}, []
-        decisions = [m.random_decision(rng) for _ in range(self.opts.fit_decisions)]
+        # The fewest and the most kept channels first, so the per-channel slope is fitted over
+        # the whole range (random counts alone cluster around the middle, and noise then
+        # trades the slope against the constant).
+        decisions = [m.random_decision(rng, extreme) for extreme in ("fewest", "most")]
+        decisions += [m.random_decision(rng) for _ in range(self.opts.fit_decisions - 2)]
         original = None
         for k, (bits, kept) in enumerate(self.progress(decisions, len(decisions),
                                                        "profile overhead")):
