@@ -13,7 +13,10 @@ output, so that the runtime fuses it as in the whole file), on a grid of kept ou
 input channels, interpolated bilinearly between grid points (and held constant beyond the
 grid's ends). `c_0` and `k_l` model what no piece holds: residual adds, pooling, the glue
 between layers, minus what two neighbouring pieces both count (the quantizer between them);
-they are fitted by least squares on whole-model exports at random decisions.
+they are fitted by least squares on whole-model exports at random decisions. `k_l` is one
+fitted slope times layer l's output elements per channel (H*W; 1 for a Linear): the glue
+works on activations, whose volume that is; two parameters stay well determined by the few
+whole exports a profile can afford.
 
 File format (JSON, written atomically; `FORMAT`, `VERSION`):
 
@@ -24,7 +27,8 @@ File format (JSON, written atomically; `FORMAT`, `VERSION`):
      "setting": {"batch": 32, "threads": 1, "clock": "cpu"},  # "cpu": process CPU time
      "candidates": [2, 4, 8], "edge_bits": 8 | null, "max_prune": 0.5, "grid_points": 4,
      "streams": false,
-     "method": {"warmup": 10, "runs": 50, "statistic": "median", "order": "..."},
+     "method": {"warmup": 10, "runs": 50, "statistic": "median", "clock": "cpu",
+                "order": "..."},
      "date": "<ISO 8601, UTC>",
      "fp_original_ms": 12.3,
      "layers": [{"name": "layer1.0.conv1", "kind": "conv", "out_channels": 16,
@@ -34,8 +38,12 @@ File format (JSON, written atomically; `FORMAT`, `VERSION`):
                   "fit": {"decisions": K, "rms_ms": ..., "max_rel": ..., "samples": [...]}},
      "cache": {...}}   # abs profile's own: measurements by layer signature, for reuse
 
-Bits keys are "w/a"; "32/32" is the float layer. Layers are listed in execution order. A
-table `abs profile` has not finished yet has "complete": false and is refused by `load`.
+`out_kept` and `in_kept` count channels: `in_kept` those of the layer's input channel group
+(a Linear over a flattened C x H x W keeps C channels, not columns). A side that cannot be
+pruned (a residual stream; a depthwise conv's input, which follows its output) has a one-point
+grid, and any count given for it is ignored. Bits keys are "w/a"; "32/32" is the float layer.
+Layers are listed in execution order. A table `abs profile` has not finished yet has
+"complete": false and is refused by `load`.
 """
 
 from __future__ import annotations

@@ -32,8 +32,13 @@ changes the graph.
 The pieces new in one export are timed together, taking turns run by run
 (`latency.measure`), and the table is written after each export (atomically), so a killed run
 resumes where it stopped; a finished table given again is reused and extended, not
-re-measured. The overhead is fitted on `fit_decisions` random decisions (seeded; none of them
-is a grid export), exported and timed whole together with the FP original.
+re-measured. The overhead is fitted on `fit_decisions` decisions with random bits per layer
+(seeded): the fewest kept channels everywhere, the most, and random counts between; exported
+and timed whole, taking turns with the FP original.
+
+On one thread, runs are timed by the process's CPU time (`latency.measure`, clock="cpu"): it
+is the latency of the same run on an idle machine, and other work on a shared machine then
+does not move the table (the wall clock moved 1.75x between two runs at load 5 here).
 """
 
 from __future__ import annotations
@@ -70,7 +75,7 @@ from abs_deploy.progress import Progress, no_progress
 RUNTIMES = ("onnxruntime", "openvino")
 # Float ops that may sit between a layer and its reader's quantizer (single input, elementwise):
 # the piece follows them to the quantizer that decides the fusion.
-_ELEMENTWISE = {"Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Sigmoid", "Mul"}
+_ELEMENTWISE = {"Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Sigmoid"}
 ORDER = ("the pieces new in one export take turns run by run, as do the whole models of the "
          "overhead fit with the FP original (export/latency.measure)")
 
@@ -192,12 +197,12 @@ class _Model:
         if not self.order:
             raise UserError("the model has no Conv2d or Linear layer to profile")
         self.norms = analysis.following_norm()
-        self.groups = {g.id: g for g in analysis.groups() if g.prunable and g.producers}
+        all_groups = analysis.groups()
+        self.groups = {g.id: g for g in all_groups if g.prunable and g.producers}
         batch = torch.randn([2, *input_shape[1:]])
         hw, a_min, a_max, self.num_classes = self._observe(batch)
         out_of = {p: g.id for g in self.groups.values() for p in g.producers}
         in_of = {c: g.id for g in self.groups.values() for c in g.consumers}
-        all_groups = graph.channel_groups(self.module, example)
         in_channels = {c: g.channels for g in all_groups for c in g.consumers}
         self.layers: dict[str, _LayerInfo] = {}
         for i, name in enumerate(self.order):
