@@ -10,11 +10,12 @@ between (1 - max_prune) * C and C), are exported with `abs-export`'s own pipelin
 (`abs profile` on one thread times runs by the process's CPU time, so other work on the
 machine does not count); the wall clock errors are reported beside them.
 
-    python benchmarks/lut_check.py [--decisions 5] [--fresh]
+    python benchmarks/lut_check.py [--decisions 5] [--fresh] [--runtime openvino]
 
 Resumable: each finished measurement is kept in benchmarks/results/lut_check.json, which a
 new run of the same table continues (`--fresh` starts over). Writes
-benchmarks/results/lut_check.{json,md}.
+benchmarks/results/lut_check.{json,md} (`--runtime openvino`: lut_check_openvino.*, the table
+lut_resnet20_openvino.json).
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from provenance import load_note, provenance, provenance_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-LUT = RESULTS / "lut_resnet20_ort.json"
 LIMIT = 0.15
 BATCH, THREADS, CANDIDATES, EDGE, MAX_PRUNE = 32, 1, (2, 4, 8), 8, 0.5
 INFLATED = ("Both the table and the whole models were timed under that load, at different "
@@ -47,18 +47,21 @@ def main() -> None:
     ap.add_argument("--decisions", type=int, default=5)
     ap.add_argument("--fresh", action="store_true", help="ignore earlier partial results")
     ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--runtime", choices=("ort", "openvino"), default="ort")
     args = ap.parse_args()
+    lut = RESULTS / f"lut_resnet20_{args.runtime}.json"
+    stem = "lut_check" + ("" if args.runtime == "ort" else f"_{args.runtime}")
     prov = provenance(threads=1)
-    out_json = args.results / "lut_check.json"
+    out_json = args.results / f"{stem}.json"
     state = _resume(out_json, args.fresh)
     state.setdefault("provenance", prov)
 
     if "profile" not in state:
-        state["profile"] = build_table()
+        state["profile"] = build_table(lut, args.runtime)
         _save(out_json, state)
     from abs_deploy.latency_table import LatencyTable
 
-    table = LatencyTable.load(LUT)
+    table = LatencyTable.load(lut)
     state["table"] = {"fp_original_ms": table.fp_original_ms, "overhead": table.fit,
                       "clock": table.clock,
                       "overhead_constant_ms": table.overhead()[0],
@@ -78,24 +81,25 @@ def main() -> None:
                   "limit": LIMIT, "passed": all(abs(r["error"]) <= LIMIT for r in rows),
                   "complete": True})
     _save(out_json, state)
-    (args.results / "lut_check.md").write_text(markdown(state, rows))
+    (args.results / f"{stem}.md").write_text(markdown(state, rows))
     print(markdown(state, rows))
 
 
-def build_table() -> dict:
+def build_table(lut: Path, runtime: str) -> dict:
     """`abs profile` as a user runs it (fresh process, Python start-up included)."""
     exe = Path(sys.executable).with_name("abs")
-    cmd = [str(exe), "profile", "resnet20", "--num-classes", "10", "--input-shape", "3,32,32",
+    cmd = [str(exe), "profile", "resnet20", "--runtime", runtime, "--num-classes", "10",
+           "--input-shape", "3,32,32",
            "--batch", str(BATCH), "--threads", str(THREADS), "--candidates",
            ",".join(map(str, CANDIDATES)), "--edge-bits", str(EDGE), "--max-prune",
-           str(MAX_PRUNE), "-o", str(LUT)]
-    reused = LUT.exists()
+           str(MAX_PRUNE), "-o", str(lut)]
+    reused = lut.exists()
     load = [round(v, 2) for v in os.getloadavg()]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, check=True, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     print(done.stdout, flush=True)
-    return {"command": "abs " + " ".join(cmd[1:-1]) + " " + str(LUT.relative_to(ROOT)),
+    return {"command": "abs " + " ".join(cmd[1:-1]) + " " + str(lut.relative_to(ROOT)),
             "wall_s": wall, "summary": done.stdout.strip(), "file_existed": reused,
             "load_avg_start": load}
 
@@ -126,8 +130,9 @@ def check_decisions(todo: list[int], table, fitted: list[dict]) -> dict[str, dic
             print(f"decision {k} exported", flush=True)
     load = [round(v, 2) for v in os.getloadavg()]
     # By the table's own clock (what the prediction is in), and by the wall clock as well.
+    runtimes = dict.fromkeys(models, table.runtime)
     timed = {clock: {t.model: t for t in measure(models, table.model["input_shape"], (BATCH,),
-                                                 (THREADS,), clock=clock)}
+                                                 (THREADS,), clock=clock, runtimes=runtimes)}
              for clock in dict.fromkeys((table.clock, "wall"))}
     out = {}
     for k, choice in choices.items():
@@ -215,7 +220,8 @@ def _save(path: Path, state: dict) -> None:
 def markdown(state: dict, rows: list[dict]) -> str:
     t, p = state["table"], state["profile"]
     fit = t["overhead"]
-    lines = ["# Latency table against the exported files (ResNet-20, digits32, ORT)", "",
+    lines = [f"# Latency table against the exported files (ResNet-20, digits32, {t['runtime']})",
+             "",
              f"Table: `{p['command']}`: {p['wall_s']:.0f} s wall in a fresh process"
              + (" (the file existed: reused and extended, not measured again)"
                 if p["file_existed"] else "")
