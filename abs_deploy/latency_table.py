@@ -128,6 +128,11 @@ class LatencyTable:
         layer = self._layer(name)
         return list(layer.out_grid), list(layer.in_grid)
 
+    def channels(self, name: str) -> tuple[int, int]:
+        """The layer's output channels and its input group's channels, unpruned."""
+        layer = self._layer(name)
+        return layer.out_channels, layer.in_channels
+
     def values(self, name: str, w_bits: int, a_bits: int) -> list[list[float]]:
         """Milliseconds at the grid points, [out][in]."""
         return self._layer(name).matrix(w_bits, a_bits).tolist()
@@ -165,6 +170,8 @@ class _Layer:
         self.name = str(entry["name"])
         self.out_grid = [int(v) for v in entry["out_grid"]]
         self.in_grid = [int(v) for v in entry["in_grid"]]
+        self.out_channels = int(entry["out_channels"])
+        self.in_channels = int(entry["in_channels"])
         self.values = {str(k): np.asarray(v, dtype=float) for k, v in entry["values"].items()}
         for k, m in self.values.items():
             if m.shape != (len(self.out_grid), len(self.in_grid)):

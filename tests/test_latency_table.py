@@ -45,6 +45,7 @@ def table(tmp_path) -> LatencyTable:
 def test_round_trip_keeps_every_field(table):
     assert table.layers() == ["a", "b"]
     assert table.grid("b") == ([2, 6], [4, 8])
+    assert table.channels("b") == (2, 8)
     assert table.values("b", 4, 4) == [[1.0, 2.0], [3.0, 6.0]]
     assert (table.runtime, table.runtime_version, table.batch, table.threads) == \
         ("onnxruntime", "1.0", 32, 1)

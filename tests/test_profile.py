@@ -131,3 +131,9 @@ def test_pieces_run_the_kernels_of_the_whole_export(bits):
     float_layers = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul")
     assert sum(summed[k] for k in float_layers) == \
         sum(whole.node_types.get(k, 0) for k in float_layers)
+
+
+def test_a_checkpoint_names_the_model_it_was_trained_as(fp_path, fp):
+    from abs_deploy.cli.profile import _model
+
+    assert _model(str(fp_path), None, None) == (fp["arch"], list(fp["input"]["shape"]))
