@@ -30,7 +30,8 @@ and 8-bit weights are all int8 tensors, and only an 8-bit activation (no Clip) o
 changes the graph.
 
 The pieces new in one export are timed together, taking turns run by run
-(`latency.measure`), and the table is written after each export (atomically), so a killed run
+(`latency.measure`), beside three fixed anchor pieces whose first time sets the scale of every
+batch (`_Run._anchor`), and the table is written after each export (atomically), so a killed run
 resumes where it stopped; a finished table given again is reused and extended, not
 re-measured. The overhead is fitted on `fit_decisions` decisions with random bits per layer
 (seeded): the fewest kept channels everywhere, the most, and random counts between; exported
@@ -77,7 +78,8 @@ RUNTIMES = ("onnxruntime", "openvino")
 # the piece follows them to the quantizer that decides the fusion.
 _ELEMENTWISE = {"Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Sigmoid"}
 ORDER = ("the pieces new in one export take turns run by run, as do the whole models of the "
-         "overhead fit with the FP original (export/latency.measure)")
+         "overhead fit with the FP original (export/latency.measure); every such batch also "
+         "times three anchor pieces and is scaled by their first total over their total then")
 
 
 @dataclass
@@ -471,6 +473,7 @@ class _Run:
         self.model, self.opts, self.state, self.progress = model, opts, state, progress
         self.measured = self.reused = self.whole_models = self.exports = 0
         self.runs = max(opts.runs, MIN_RUNS)
+        self._anchors: dict[str, onnx.ModelProto] | None = None
 
     def layer_pieces(self) -> None:
         m = self.model
@@ -518,12 +521,38 @@ class _Run:
         return qcdq_files(col, ExportOptions(latency=with_original))
 
     def _time(self, models: dict[str, onnx.ModelProto]) -> dict[str, float]:
+        """Medians of `models` timed together with the anchor pieces, on the anchors' scale:
+        multiplied by the anchors' first total over their total in this batch."""
+        anchors = self._anchor()
+        both = {**models, **anchors}
         shapes = {k: [1, *(d.dim_value for d in p.graph.input[0].type.tensor_type.shape.dim[1:])]
-                  for k, p in models.items()}
-        runtimes = dict.fromkeys(models, self.opts.runtime)
-        timings = measure(models, shapes, (self.opts.batch,), (self.opts.threads,), self.runs,
+                  for k, p in both.items()}
+        runtimes = dict.fromkeys(both, self.opts.runtime)
+        timings = measure(both, shapes, (self.opts.batch,), (self.opts.threads,), self.runs,
                           self.opts.warmup, runtimes=runtimes, clock=clock_for(self.opts))
-        return {t.model: t.median_ms for t in timings}
+        ms = {t.model: t.median_ms for t in timings}
+        now = sum(ms[a] for a in anchors)
+        record = self.state.cache.setdefault("anchor", {"ms": now, "scales": []})
+        scale = record["ms"] / now
+        record["scales"].append(round(scale, 4))
+        return {k: ms[k] * scale for k in models}
+
+    def _anchor(self) -> dict[str, onnx.ModelProto]:
+        """Three pieces (first, middle and last layer) of one fixed export, timed beside every
+        batch. Batches are timed minutes apart, and on a shared machine even CPU time moves
+        between them (cache and core sharing: 15% between two runs at load 5 here); scaling
+        every batch by the anchors puts the whole table on the level of the first batch, so
+        layers and bit widths compare as if timed together."""
+        if self._anchors is None:
+            m = self.model
+            top = max(self.opts.candidates)
+            bits = {n: m.bits_of(n, (top, top)) for n in m.order}
+            kept = {gid: grid[-1] for gid, grid in m.grids.items()}
+            qcdq, _, _ = self._export(bits, kept, with_original=False)
+            names = dict.fromkeys([m.order[0], m.order[len(m.order) // 2], m.order[-1]])
+            pieces = layer_pieces(qcdq, {n: _tag(bits[n]) for n in names})
+            self._anchors = {f"anchor {n}": p for n, p in pieces.items()}
+        return self._anchors
 
     def _assemble(self) -> None:
         """The `layers` entries from the cache: every bits pair measured at every grid cell."""
@@ -543,7 +572,8 @@ class _Run:
         st.record.update({
             "max_prune": self.opts.max_prune, "grid_points": self.opts.grid_points,
             "method": {"warmup": self.opts.warmup, "runs": self.runs, "statistic": "median",
-                       "clock": clock_for(self.opts), "order": ORDER},
+                       "clock": clock_for(self.opts), "order": ORDER,
+                       "batch_scales": _spread(st.cache.get("anchor", {}).get("scales", []))},
             "layers": entries})
 
     def overhead(self) -> None:
@@ -586,6 +616,8 @@ class _Run:
                                  "samples": samples}},
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "complete": True})
+        st.record["method"]["batch_scales"] = _spread(st.cache.get("anchor", {})
+                                                      .get("scales", []))
         st.write()
 
     def _measure_fit(self, key: dict) -> dict:
@@ -615,3 +647,7 @@ class _Run:
 def _tag(bits: tuple[int, int]) -> str:
     return f"w{bits[0]}a{bits[1]}"
 
+
+def _spread(scales: list[float]) -> list[float]:
+    """[min, max] of the anchor scales applied to the batches (empty before any)."""
+    return [min(scales), max(scales)] if scales else []
