@@ -430,7 +430,11 @@ class _State:
     def __init__(self, path: Path, record: dict) -> None:
         self.path, self.record = path, record
         self.cache = record.setdefault("cache", {})
+        # Medians as timed; batch_of says in which batch, batches hold each batch's anchor
+        # total (`_Run._anchor`).
         self.measurements: dict[str, float] = self.cache.setdefault("measurements", {})
+        self.batch_of: dict[str, int] = self.cache.setdefault("batch_of", {})
+        self.batches: list[float] = self.cache.setdefault("batches", [])
         self.cells: dict[str, dict[str, dict[str, str]]] = self.cache.setdefault("cells", {})
 
     @classmethod
@@ -451,6 +455,16 @@ class _State:
 
     def cell(self, name: str, key: str, out: int, inp: int) -> str | None:
         return self.cells.get(name, {}).get(key, {}).get(f"{out}x{inp}")
+
+    def scale(self, batch: int | None) -> float:
+        """What puts a batch on the table's level: the median anchor total over all batches
+        divided by this batch's."""
+        if batch is None or not self.batches:
+            return 1.0
+        return float(np.median(self.batches)) / self.batches[batch]
+
+    def scaled(self, sig: str) -> float:
+        return self.measurements[sig] * self.scale(self.batch_of.get(sig))
 
     def set_cell(self, name: str, key: str, out: int, inp: int, sig: str) -> None:
         self.cells.setdefault(name, {}).setdefault(key, {})[f"{out}x{inp}"] = sig
@@ -507,7 +521,9 @@ class _Run:
         sigs = {n: signature(p) for n, p in pieces.items()}
         new = {sigs[n]: pieces[n] for n in missing if sigs[n] not in st.measurements}
         if new:
-            st.measurements.update(self._time(new))
+            times, batch = self._time(new)
+            st.measurements.update(times)
+            st.batch_of.update(dict.fromkeys(times, batch))
             self.measured += len(new)
         for n in missing:
             st.set_cell(n, *cells[n], sigs[n])
@@ -520,9 +536,9 @@ class _Run:
         self.exports += 1
         return qcdq_files(col, ExportOptions(latency=with_original))
 
-    def _time(self, models: dict[str, onnx.ModelProto]) -> dict[str, float]:
-        """Medians of `models` timed together with the anchor pieces, on the anchors' scale:
-        multiplied by the anchors' first total over their total in this batch."""
+    def _time(self, models: dict[str, onnx.ModelProto]) -> tuple[dict[str, float], int]:
+        """Medians of `models` timed together with the anchor pieces, as timed, and the index
+        of this batch (its anchor total recorded under it)."""
         anchors = self._anchor()
         both = {**models, **anchors}
         shapes = {k: [1, *(d.dim_value for d in p.graph.input[0].type.tensor_type.shape.dim[1:])]
@@ -531,17 +547,14 @@ class _Run:
         timings = measure(both, shapes, (self.opts.batch,), (self.opts.threads,), self.runs,
                           self.opts.warmup, runtimes=runtimes, clock=clock_for(self.opts))
         ms = {t.model: t.median_ms for t in timings}
-        now = sum(ms[a] for a in anchors)
-        record = self.state.cache.setdefault("anchor", {"ms": now, "scales": []})
-        scale = record["ms"] / now
-        record["scales"].append(round(scale, 4))
-        return {k: ms[k] * scale for k in models}
+        self.state.batches.append(sum(ms[a] for a in anchors))
+        return {k: ms[k] for k in models}, len(self.state.batches) - 1
 
     def _anchor(self) -> dict[str, onnx.ModelProto]:
         """Three pieces (first, middle and last layer) of one fixed export, timed beside every
         batch. Batches are timed minutes apart, and on a shared machine even CPU time moves
         between them (cache and core sharing: 15% between two runs at load 5 here); scaling
-        every batch by the anchors puts the whole table on the level of the first batch, so
+        each batch by the anchors puts the whole table on the level of the median batch, so
         layers and bit widths compare as if timed together."""
         if self._anchors is None:
             m = self.model
@@ -554,6 +567,11 @@ class _Run:
             self._anchors = {f"anchor {n}": p for n, p in pieces.items()}
         return self._anchors
 
+    def _spread(self) -> list[float]:
+        """[min, max] of the scales applied to the batches (empty before any)."""
+        scales = [self.state.scale(b) for b in range(len(self.state.batches))]
+        return [round(min(scales), 4), round(max(scales), 4)] if scales else []
+
     def _assemble(self) -> None:
         """The `layers` entries from the cache: every bits pair measured at every grid cell."""
         m, st = self.model, self.state
@@ -565,7 +583,7 @@ class _Run:
             for key in st.cells.get(name, {}):
                 sigs = [[st.cell(name, key, o, i) for i in in_grid] for o in out_grid]
                 if all(s is not None and s in st.measurements for row in sigs for s in row):
-                    values[key] = [[round(st.measurements[s], 5) for s in row] for row in sigs]
+                    values[key] = [[round(st.scaled(s), 5) for s in row] for row in sigs]
             entries.append({"name": name, "kind": info.kind, "out_channels": info.out_channels,
                             "in_channels": info.in_channels, "out_grid": out_grid,
                             "in_grid": in_grid, "values": values})
@@ -573,7 +591,7 @@ class _Run:
             "max_prune": self.opts.max_prune, "grid_points": self.opts.grid_points,
             "method": {"warmup": self.opts.warmup, "runs": self.runs, "statistic": "median",
                        "clock": clock_for(self.opts), "order": ORDER,
-                       "batch_scales": _spread(st.cache.get("anchor", {}).get("scales", []))},
+                       "batch_scales": self._spread()},
             "layers": entries})
 
     def overhead(self) -> None:
@@ -586,9 +604,13 @@ class _Run:
             cached = self._measure_fit(fit_key)
             st.cache["fit"] = cached
             st.write()
-        samples = cached["samples"]
-        # The layer terms alone (no overhead yet), from the table just assembled.
-        bare = LatencyTable({**st.record, "fp_original_ms": cached["fp_original_ms"],
+        # The fit's batch moved the median batch the layers are scaled to: assemble again.
+        self._assemble()
+        scale = st.scale(cached.get("batch"))
+        samples = [{**s, "ms": s["ms"] * scale} for s in cached["samples"]]
+        fp_original = cached["fp_original_ms"] * scale
+        # The layer terms alone (no overhead yet).
+        bare = LatencyTable({**st.record, "fp_original_ms": fp_original,
                              "overhead": {"constant_ms": 0.0, "per_out_channel_ms": {}}})
         hw = {n: m.layers[n].out_hw for n in m.order}
         rows, resid = [], []
@@ -607,7 +629,7 @@ class _Run:
         for s, p in zip(samples, ms - errors, strict=True):
             s["predicted_ms"] = round(float(p), 4)
         st.record.update({
-            "fp_original_ms": cached["fp_original_ms"],
+            "fp_original_ms": fp_original,
             "overhead": {"constant_ms": float(c0),
                          "per_out_channel_ms": {n: float(slope * hw[n]) for n in m.order},
                          "fit": {"decisions": len(samples),
@@ -616,8 +638,6 @@ class _Run:
                                  "samples": samples}},
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "complete": True})
-        st.record["method"]["batch_scales"] = _spread(st.cache.get("anchor", {})
-                                                      .get("scales", []))
         st.write()
 
     def _measure_fit(self, key: dict) -> dict:
@@ -637,9 +657,9 @@ class _Run:
             models[f"decision{k}"] = qcdq
             choices.append({n: [*bits[n], *m.cell(n, kept)] for n in m.order})
         models["fp_original"] = original
-        times = self._time(models)
+        times, batch = self._time(models)
         self.whole_models += len(models)
-        return {"key": key, "fp_original_ms": times["fp_original"],
+        return {"key": key, "batch": batch, "fp_original_ms": times["fp_original"],
                 "samples": [{"choice": c, "ms": times[f"decision{k}"]}
                             for k, c in enumerate(choices)]}
 
@@ -647,7 +667,3 @@ class _Run:
 def _tag(bits: tuple[int, int]) -> str:
     return f"w{bits[0]}a{bits[1]}"
 
-
-def _spread(scales: list[float]) -> list[float]:
-    """[min, max] of the anchor scales applied to the batches (empty before any)."""
-    return [min(scales), max(scales)] if scales else []
