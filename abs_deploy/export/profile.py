@@ -79,7 +79,8 @@ RUNTIMES = ("onnxruntime", "openvino")
 _ELEMENTWISE = {"Relu", "Clip", "LeakyRelu", "HardSigmoid", "HardSwish", "Sigmoid"}
 ORDER = ("the pieces new in one export take turns run by run, as do the whole models of the "
          "overhead fit with the FP original (export/latency.measure); every such batch also "
-         "times three anchor pieces and is scaled by their first total over their total then")
+         "times three anchor pieces, and is scaled by the median anchor total over all "
+         "batches divided by its own")
 
 
 @dataclass
@@ -123,8 +124,8 @@ def profile(arch: dict, input_shape: list[int], output: str | os.PathLike,
         header = _header(model, opts)
         state = _State.open(Path(output), header)
         run = _Run(model, opts, state, progress)
-        run.layer_pieces()
-        run.overhead()
+        run.measure_layers()
+        run.fit_overhead()
     table = LatencyTable(state.record, str(output))
     return ProfileResult(Path(output), table, run.measured, run.reused, run.whole_models,
                          run.exports, time.perf_counter() - t0)
@@ -482,6 +483,8 @@ def _short(v: object) -> str:
 
 
 class _Run:
+    """One `abs profile`: the grid exports and their pieces, then the overhead fit."""
+
     def __init__(self, model: _Model, opts: ProfileOptions, state: _State,
                  progress: Progress) -> None:
         self.model, self.opts, self.state, self.progress = model, opts, state, progress
@@ -489,7 +492,7 @@ class _Run:
         self.runs = max(opts.runs, MIN_RUNS)
         self._anchors: dict[str, onnx.ModelProto] | None = None
 
-    def layer_pieces(self) -> None:
+    def measure_layers(self) -> None:
         m = self.model
         pairs = [(w, a) for w in self.opts.candidates for a in self.opts.candidates]
         pairs.append((FLOAT_BITS, FLOAT_BITS))
@@ -594,7 +597,7 @@ class _Run:
                        "batch_scales": self._spread()},
             "layers": entries})
 
-    def overhead(self) -> None:
+    def fit_overhead(self) -> None:
         """Fit c_0 and the per-channel slope on whole exports at random decisions."""
         m, st, opts = self.model, self.state, self.opts
         fit_key = {"decisions": opts.fit_decisions, "seed": opts.seed,
