@@ -7,6 +7,7 @@ import click
 from abs_deploy.cli.common import Group
 from abs_deploy.cli.demo import demo
 from abs_deploy.cli.export import export_main, validate
+from abs_deploy.cli.profile import profile_cmd
 from abs_deploy.cli.report import report_cmd
 from abs_deploy.cli.train import bops_cmd, finetune, pretrain, search
 
@@ -17,7 +18,7 @@ def main() -> None:
     """abs-deploy: search per-layer bits and pruning, export integer ONNX, validate it."""
 
 
-for _cmd in (pretrain, search, finetune, bops_cmd, validate, report_cmd, demo):
+for _cmd in (pretrain, search, finetune, bops_cmd, profile_cmd, validate, report_cmd, demo):
     main.add_command(_cmd)
 
 __all__ = ["main", "export_main"]

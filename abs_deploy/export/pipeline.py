@@ -25,7 +25,7 @@ from abs_deploy.export import openvino_runtime, ort_format, report, targets
 from abs_deploy.export.collapse import Collapsed, collapse
 from abs_deploy.export.errors import ExportFailed
 from abs_deploy.export.kernels import Kernels, onnxruntime_kernels, openvino_kernels
-from abs_deploy.export.latency import MIN_RUNS, WARMUP, Timing, all_threads, cpu_name, measure
+from abs_deploy.export.latency import MIN_RUNS, WARMUP, Timing, all_threads, measure
 from abs_deploy.export.onnx_graph import build_onnx, capture
 from abs_deploy.export.prune import prune
 from abs_deploy.export.qdq import ActQuant
@@ -41,6 +41,7 @@ from abs_deploy.export.validate import (
     check_qcdq,
 )
 from abs_deploy.files import check_output, discard, reason, same_file, temp_dir
+from abs_deploy.machine import cpu_name
 from abs_deploy.progress import Progress, no_progress
 from abs_deploy.quant import int_range
 
@@ -83,12 +84,12 @@ def export_model(checkpoint: str | os.PathLike, options: ExportOptions | None = 
     """Export a `searched`/`finetuned` checkpoint (DESIGN §9). Raises `UserError` for bad input
     and `ExportFailed` when a check misses; in both cases no file is left behind."""
     opts = options or ExportOptions()
-    with _one_torch_thread():
+    with one_torch_thread():
         return _export(Path(checkpoint), opts, progress, on_step)
 
 
 @contextlib.contextmanager
-def _one_torch_thread():
+def one_torch_thread():
     """PyTorch's OpenMP pool and ONNX Runtime's pool take turns on the same cores during
     validation; with two OpenMP threads every parallel region waits for a descheduled peer
     whenever anything else runs (measured: the export takes twice as long on a busy 2-core
@@ -205,6 +206,18 @@ def _check_options(opts: ExportOptions) -> None:
         if rt != "openvino":
             raise UserError(f"unknown runtime {rt!r} to check; known: openvino")
         openvino_runtime.require()
+
+
+def qcdq_files(col: Collapsed, opts: ExportOptions | None = None
+               ) -> tuple[onnx.ModelProto, dict[str, ActQuant], onnx.ModelProto | None]:
+    """The QCDQ model `export_model` writes for `col` (simplified unless `opts.simplify` is
+    off), what each layer's activation quantizer became in it, and the FP original (built
+    when `opts.latency`), without any check: for timing the file as it would be emitted
+    (`abs profile`), where the checks have nothing to check."""
+    opts = opts or ExportOptions()
+    files = _Files.build(col, _prune(col), {}, opts)
+    qcdq = simplify(files.qcdq) if opts.simplify else files.qcdq
+    return qcdq, files.quant, files.original
 
 
 @dataclass

@@ -1,0 +1,139 @@
+"""`abs profile` on the tiny digits CNN: a table the search can load, measured on pieces that
+run the same kernels as the whole export, reused instead of measured again, and every bad
+output file refused in one line before any work."""
+
+import collections
+import json
+import random
+
+import pytest
+from click.testing import CliRunner
+
+from abs_deploy.cli import main
+from abs_deploy.export.collapse import collapse
+from abs_deploy.export.kernels import onnxruntime_kernels
+from abs_deploy.export.pipeline import ExportOptions, qcdq_files
+from abs_deploy.export.profile import ProfileOptions, _Model, _tag, layer_pieces
+from abs_deploy.latency_table import LatencyTable
+from abs_deploy.models.registry import arch_record
+
+# The least that still covers a quantized and a float layer, two grid points per prunable
+# side and an overhead fit: about 20 s on 2 cores.
+QUICK = ["--candidates", "8", "--grid-points", "2", "--fit-decisions", "2"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, ["profile", *map(str, args)])
+
+
+def one_line(result, words: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert words in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def lut(tmp_path_factory):
+    path = tmp_path_factory.mktemp("lut") / "lut.json"
+    result = run("digits_cnn", *QUICK, "-o", path)
+    assert result.exit_code == 0, result.output
+    return path
+
+
+def test_profile_writes_a_table_the_search_can_load(lut):
+    table = LatencyTable.load(lut)
+    model = table.model
+    table.check_for(model["arch"], model["input_shape"])
+    assert table.layers()[0] == "stem" and table.layers()[-1] == "fc"
+    assert (table.batch, table.threads, table.candidates) == (32, 1, (8,))
+    for name in table.layers():
+        out_grid, in_grid = table.grid(name)
+        assert set(table.bits(name)) == {(8, 8), (32, 32)}
+        values = table.values(name, 8, 8)
+        assert len(values) == len(out_grid) and all(len(r) == len(in_grid) for r in values)
+        assert all(v > 0 for r in values for v in r)
+    assert table.fp_original_ms > 0 and table.fit["decisions"] == 2
+    full = {n: (8, 8, table.grid(n)[0][-1], table.grid(n)[1][-1]) for n in table.layers()}
+    assert table.predict_ms(full) > 0
+
+
+def test_second_profile_to_the_same_file_measures_nothing(lut):
+    before = json.loads(lut.read_text())["cache"]["measurements"]
+    result = run("digits_cnn", *QUICK, "-o", lut)
+    assert result.exit_code == 0, result.output
+    assert "measured 0 layer piece(s) and 0 whole model(s) in 0 export(s)" in result.output
+    assert json.loads(lut.read_text())["cache"]["measurements"] == before
+
+
+def test_an_interrupted_profile_resumes_without_measuring_again(lut, tmp_path):
+    record = json.loads(lut.read_text())
+    record["complete"] = False
+    del record["cache"]["cells"]["block1.conv1"]  # as if killed before that layer's exports
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps(record))
+    result = run("digits_cnn", *QUICK, "-o", partial)
+    assert result.exit_code == 0, result.output
+    # Its pieces are exported again to find their signatures, all of them already timed.
+    assert "measured 0 layer piece(s) and 0 whole model(s)" in result.output
+    assert "in 0 export(s)" not in result.output
+    assert LatencyTable.load(partial).values("block1.conv1", 8, 8) == \
+        LatencyTable.load(lut).values("block1.conv1", 8, 8)
+
+
+def test_a_table_of_another_model_is_refused_in_one_line(lut):
+    one_line(run("digits_cnn", "--input-shape", "1,16,16", *QUICK, "-o", lut), "another model")
+
+
+def test_a_table_of_another_machine_is_refused_in_one_line(lut, tmp_path):
+    record = json.loads(lut.read_text())
+    record["machine"] = {"cpu": "Some Other CPU", "cores": 64}
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(record))
+    one_line(run("digits_cnn", *QUICK, "-o", other), "another machine")
+
+
+def test_a_table_of_another_setting_is_refused_in_one_line(lut):
+    one_line(run("digits_cnn", *QUICK, "--batch", "4", "-o", lut), "another setting")
+
+
+@pytest.mark.parametrize("content, words", [("{not json", "not JSON"),
+                                            ('{"format": "abs-deploy/1"}', "not a latency")])
+def test_an_output_that_is_no_table_is_refused_in_one_line(tmp_path, content, words):
+    path = tmp_path / "lut.json"
+    path.write_text(content)
+    one_line(run("digits_cnn", *QUICK, "-o", path), words)
+    assert path.read_text() == content
+
+
+def test_bad_options_are_one_line():
+    one_line(run("digits_cnn", "--candidates", "4,16", "-o", "x.json"), "candidates")
+    one_line(run("no_such_model", "-o", "x.json"), "no_such_model")
+
+
+@pytest.mark.parametrize("bits", [(8, 8), (4, 4), (4, 8)])
+def test_pieces_run_the_kernels_of_the_whole_export(bits):
+    """Summed over the pieces, ONNX Runtime runs the same integer and float layer kernels as
+    on the whole file: each conv fuses to QLinearConv exactly when it does in the file."""
+    model = _Model(arch_record("digits_cnn", num_classes=10), [1, 1, 8, 8],
+                   ProfileOptions(candidates=(4, 8)))
+    layer_bits = {n: model.bits_of(n, bits) for n in model.order}
+    kept = model.random_decision(random.Random(0))[1]
+    qcdq, _, _ = qcdq_files(collapse(model.checkpoint(layer_bits, kept)),
+                            ExportOptions(latency=False))
+    whole = onnxruntime_kernels(qcdq)
+    pieces = layer_pieces(qcdq, {n: _tag(b) for n, b in layer_bits.items()})
+    summed = collections.Counter()
+    for piece in pieces.values():
+        summed.update(onnxruntime_kernels(piece).node_types)
+    for kernel in ("QLinearConv", "QGemm", "QLinearMatMul"):
+        assert summed[kernel] == whole.node_types.get(kernel, 0), kernel
+    float_layers = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul")
+    assert sum(summed[k] for k in float_layers) == \
+        sum(whole.node_types.get(k, 0) for k in float_layers)
+
+
+def test_a_checkpoint_names_the_model_it_was_trained_as(fp_path, fp):
+    from abs_deploy.cli.profile import _model
+
+    assert _model(str(fp_path), None, None) == (fp["arch"], list(fp["input"]["shape"]))
