@@ -46,6 +46,10 @@ class FakeTable:
         return (sorted({lo, (lo + c.c_out) // 2, c.c_out}),
                 sorted({max(1, c.c_in // 2), c.c_in}))
 
+    def channels(self, name):
+        c = self.net.costs[name]
+        return c.c_out, c.c_in
+
     def values(self, name, w, a):
         og, ig = self.grid(name)
         return [[self.base(w, a) * o * i for i in ig] for o in og]

@@ -235,10 +235,19 @@ def _latency_table(path: str, fp: dict, cands: tuple[int, ...], edge_bits: int
                    ) -> LatencyTable:
     """The table, refused in one line unless it was measured for this model, on this machine,
     over these candidates (how far down its grids reach, the search checks)."""
+    from abs_deploy.export.profile import runtime_version
     from abs_deploy.latency_table import LatencyTable
 
     table = LatencyTable.load(path)
     table.check_for(fp["arch"], fp["input"]["shape"])
+    try:
+        installed = runtime_version(table.runtime)
+    except ImportError:
+        raise CliError(f"{path} was measured in {table.runtime}, which is not installed "
+                       "here") from None
+    if installed != table.runtime_version:
+        raise CliError(f"{path} was measured with {table.runtime} {table.runtime_version}; "
+                       f"this machine has {installed}: profile again")
     if not set(cands) <= set(table.candidates) or (edge_bits and
                                                    edge_bits not in table.candidates):
         raise CliError(f"{path} was measured for candidates {list(table.candidates)}; this "

@@ -595,7 +595,8 @@ def _use_costs(net: SuperBitNet, targets: Sequence[Target], lut: LatencyTable | 
     if "latency" in kinds and lut is None:
         raise UserError("a latency target needs a latency table (--lut, from `abs profile`)")
     if lut is not None:
-        net.use_cost(LatencyCost(lut, net.order, net.candidates()))
+        net.use_cost(LatencyCost(lut, net.order, net.candidates(),
+                                 {n: c.c_in for n, c in net.costs.items()}))
         _check_grids(net, lut)
     if "size" in kinds:
         net.use_cost(SizeCost(weights))
@@ -610,7 +611,8 @@ def _check_grids(net: SuperBitNet, lut: LatencyTable) -> None:
         fewest = net.kept_counts()
     for g in net.groups:
         g.pinned_kept = None
-    for name, counts in fewest.items():
+    for name, (out, inp) in fewest.items():
+        counts = (out, inp * lut.channels(name)[1] / net.costs[name].c_in)
         for side, grid, kept in zip(("output", "input"), lut.grid(name), counts, strict=True):
             if grid[0] > kept.item() + 1e-9:
                 raise UserError(f"the latency table's {side} grid for {name} starts at "

@@ -88,12 +88,18 @@ class LatencyCost:
     kind = "latency"
 
     def __init__(self, table: LatencyTable, names: Sequence[str],
-                 candidates: dict[str, tuple[int, ...]]) -> None:
+                 candidates: dict[str, tuple[int, ...]],
+                 in_columns: dict[str, int] | None = None) -> None:
         missing = [n for n in names if n not in set(table.layers())]
         if missing:
             raise UserError(f"the latency table has no entry for layer {missing[0]}: it was "
                             "measured for another model")
         self.table, self.names = table, list(names)
+        # The table counts a layer's inputs in channels of its input group; a Linear over a
+        # flattened C x H x W reads C*H*W columns, which is what the search's counts are in.
+        in_columns = in_columns or {}
+        self.in_scale = {n: table.channels(n)[1] / in_columns[n] if n in in_columns else 1.0
+                         for n in names}
         self.constant, self.per_out = table.overhead()
         self.cells = {n: {(w, a): table.values(n, w, a) for w in candidates[n]
                           for a in candidates[n]} for n in names}
@@ -105,6 +111,7 @@ class LatencyCost:
         total = None
         for n in self.names:
             out, inp = kept[n]
+            inp = inp * self.in_scale[n]
             pw, pa = levels[n]
             og, ig = self.grids[n]
             layer = self.per_out.get(n, 0.0) * out
