@@ -264,8 +264,10 @@ class _Translator:
             return names, layer or node.name
         lq = m.lq
         if lq.a_quantized:
-            src, c_min, c_max = self._quant_source(x)
-            aq = qdq.activation(self.b, self._t(src), lq, m.a_scale, (c_min, c_max))
+            aq = self._same_stream_quant(x, m)
+            if aq is None:
+                src, c_min, c_max = self._quant_source(x)
+                aq = qdq.activation(self.b, self._t(src), lq, m.a_scale, (c_min, c_max))
             self.quant[layer] = aq
             x_name = aq.output
         else:
@@ -288,6 +290,25 @@ class _Translator:
         if bounds is None:
             return x, None, None
         return x.args[0], bounds[0], bounds[1]
+
+    def _same_stream_quant(self, x: Node, layer: nn.Module) -> qdq.ActQuant | None:
+        """The stream quantizer `x` comes out of, when it is the layer's own quantizer (same
+        bits, signedness and float32 scale: a stream sharing its readers' codes, streams.py).
+        The layer then reads its codes as they are: a second, identical Q/[Clip]/DQ would
+        compute the same codes and keep ORT from fusing the reader and the residual add."""
+        while x.op == "call_function" and getattr(ops.op_of(x.target), "onnx", None) == "identity":
+            x = x.args[0]
+        if x.op != "call_function" or \
+                getattr(ops.op_of(x.target), "onnx", None) != "stream_quant":
+            return None
+        stream = self.integer.get(x.args[1])
+        aq = self.quant.get(x.args[1])
+        if stream is None or aq is None:
+            return None
+        same = (stream.lq.a_bits, stream.lq.a_signed) == (layer.lq.a_bits, layer.lq.a_signed)
+        if not same or aq.scale != float(qdq.f32(layer.a_scale).reshape(())):
+            return None
+        return aq
 
     def _stream_quant(self, node: Node) -> str:
         """A residual-stream quantizer (streams.py): Q/[Clip]/DQ on the tensor itself, which all
