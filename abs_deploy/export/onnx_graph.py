@@ -433,7 +433,7 @@ class _Translator:
         if rank == 4 and dims == [2, 3]:
             pooled = self.b.node("GlobalAveragePool", [self._t(x)], f"{node.name}.pool"
                                  if not keep else node.name)
-            return pooled if keep else self.b.node("Flatten", [pooled], node.name, axis=1)
+            return pooled if keep else self._flatten_batch(pooled, node.name)
         if self.opset < 18:
             raise UserError("mean over other than the spatial dims needs opset 18 or later")
         axes = self._const(f"{node.name}.axes", dims, np.int64)
@@ -445,8 +445,16 @@ class _Translator:
         start = _arg(node, 1, "start_dim", 0) % rank
         end = _arg(node, 2, "end_dim", -1) % rank
         if start == 1 and end == rank - 1:
-            return self.b.node("Flatten", [self._t(x)], node.name, axis=1)
+            return self._flatten_batch(self._t(x), node.name)
         return self._reshape_to(node, x, self._shape(node))
+
+    def _flatten_batch(self, x: str, name: str) -> str:
+        """(N, ...) -> (N, features) as Reshape(0, -1), not Flatten: ORT moves a QuantizeLinear
+        up through a Reshape (QDQ propagation) but not through a Flatten, so a global pool in
+        front of the classifier's quantizer fuses into QLinearGlobalAveragePool only so
+        (measured, ORT 1.32: a DequantizeLinear, a float pool and a QuantizeLinear otherwise)."""
+        target = self._const(f"{name}.shape", [0, -1], np.int64)
+        return self.b.node("Reshape", [x, target], name)
 
     def _reshape(self, node: Node) -> str:
         return self._reshape_to(node, node.args[0], [int(s) for s in node.args[1]])
