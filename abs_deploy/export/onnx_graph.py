@@ -284,8 +284,7 @@ class _Translator:
 
     def _quant_source(self, x: Node) -> tuple[Node, float | None, float | None]:
         """The tensor a quantizer should read and the float clamp it absorbs (see qdq.py)."""
-        while x.op == "call_function" and getattr(ops.op_of(x.target), "onnx", None) == "identity":
-            x = x.args[0]
+        x = _through_identities(x)
         bounds = _clamp_bounds(x) if x.op == "call_function" else None
         if bounds is None:
             return x, None, None
@@ -296,10 +295,8 @@ class _Translator:
         bits, signedness and float32 scale: a stream sharing its readers' codes, streams.py).
         The layer then reads its codes as they are: a second, identical Q/[Clip]/DQ would
         compute the same codes and keep ORT from fusing the reader and the residual add."""
-        while x.op == "call_function" and getattr(ops.op_of(x.target), "onnx", None) == "identity":
-            x = x.args[0]
-        if x.op != "call_function" or \
-                getattr(ops.op_of(x.target), "onnx", None) != "stream_quant":
+        x = _through_identities(x)
+        if _onnx_kind(x) != "stream_quant":
             return None
         stream = self.integer.get(x.args[1])
         aq = self.quant.get(x.args[1])
@@ -479,6 +476,18 @@ class _Translator:
         if perm[0] != 0:
             raise UserError(f"transpose of the batch dim at node {node.name}")
         return self.b.node("Transpose", [self._t(x)], node.name, perm=perm)
+
+
+def _onnx_kind(node: Node) -> str | None:
+    """How the op table writes `node` ("identity", "stream_quant", ...), None if not an op."""
+    return getattr(ops.op_of(node.target), "onnx", None) if node.op == "call_function" else None
+
+
+def _through_identities(x: Node) -> Node:
+    """`x` followed back through the ops export writes as nothing (dropout, views, ...)."""
+    while _onnx_kind(x) == "identity":
+        x = x.args[0]
+    return x
 
 
 @dataclass(frozen=True)
