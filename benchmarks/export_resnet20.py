@@ -7,12 +7,15 @@ random weights, so accuracies mean nothing here; time and latency do not depend 
 the wall time includes Python start-up and imports. The latency table is the one of the last
 run's report (ONNX Runtime, optionally OpenVINO too).
 
-    python benchmarks/export_resnet20.py [--repeats 3] [--openvino] [--weights int4] [--streams]
+    python benchmarks/export_resnet20.py [--repeats 3] [--openvino] [--weights int4] [--streams
+        [--stream-codes shared|8bit]]
 
-writes benchmarks/results/export_resnet20{,_openvino}{,_int4}{,_streams}.{json,md}, each with
-the file sizes and what each runtime runs the layers on (the report's "kernels"). `--streams`
-builds the checkpoint with residual-stream quantizers (abs_deploy/streams.py), so ONNX Runtime
-runs every conv and residual add on integer kernels. Run it on an otherwise idle machine: the
+writes benchmarks/results/export_resnet20{,_openvino}{,_int4}{,_streams,_streams8}.{json,md},
+each with the file sizes and what each runtime runs the layers on (the report's "kernels").
+`--streams` builds the checkpoint with residual-stream quantizers (abs_deploy/streams.py), so
+ONNX Runtime runs every conv and residual add on integer kernels: sharing their readers' codes
+(what `abs finetune --streams` makes), or with `--stream-codes 8bit` all of 8 bits (the form
+checkpoints written before shared codes hold; `_streams8`). Run it on an otherwise idle machine: the
 ratios between artifacts survive some load (the models take turns run by run), wall times do
 not.
 """
@@ -37,7 +40,7 @@ INFLATED = ("Wall times and latencies are inflated by the other work; the speed 
             "models take turns run by run) are what to compare.")
 
 
-def build_checkpoint(path: Path, with_streams: bool = False) -> None:
+def build_checkpoint(path: Path, with_streams: bool = False, shared_codes: bool = True) -> None:
     sys.path.insert(0, str(ROOT / "runtime_tests"))
     from rt_checkpoints import dataset_for, random_checkpoint
 
@@ -45,7 +48,7 @@ def build_checkpoint(path: Path, with_streams: bool = False) -> None:
 
     ckpt = random_checkpoint("resnet20", dataset_for("digits32"), fixed=(4, 4),
                              prune_fraction=0.5, edge_bits=8, single_channel=False,
-                             with_streams=with_streams)
+                             with_streams=with_streams, shared_codes=shared_codes)
     save_checkpoint(ckpt, path)
 
 
@@ -59,6 +62,9 @@ def main() -> None:
     ap.add_argument("--streams", action="store_true",
                     help="checkpoint with residual-stream quantizers (streams.py), so ORT "
                     "fuses every conv and residual add")
+    ap.add_argument("--stream-codes", choices=("shared", "8bit"), default="shared",
+                    help="with --streams: streams share their readers' codes (abs finetune "
+                    "--streams), or all have 8 bits of their own (older checkpoints)")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args()
     # abs-export runs with torch's default thread count, the one recorded here; the latency
@@ -67,7 +73,7 @@ def main() -> None:
     exe = Path(sys.executable).with_name("abs-export")
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "resnet20_half_w4a4.pt"
-        build_checkpoint(ckpt, args.streams)
+        build_checkpoint(ckpt, args.streams, args.stream_codes == "shared")
         walls, report = [], {}
         for i in range(args.repeats):
             out = Path(tmp) / f"run{i}"
@@ -90,23 +96,31 @@ def main() -> None:
               "steps_s": report["seconds"], "latency": report["latency"],
               "totals": report["totals"], "kernels": report.get("kernels"), "bytes": sizes,
               "load_avg_end": [round(v, 2) for v in os.getloadavg()],
-              "streams": args.streams,
+              "streams": args.streams and args.stream_codes,
               "export_command": "abs-export ck.pt --onnx" + (" --check-runtime openvino"
                                                              if args.openvino else "")
               + f" --weights {args.weights}"}
     args.results.mkdir(parents=True, exist_ok=True)
     stem = ("export_resnet20" + ("_openvino" if args.openvino else "")
-            + ("_int4" if args.weights == "int4" else "") + ("_streams" if args.streams else ""))
+            + ("_int4" if args.weights == "int4" else "")
+            + (STREAM_STEMS[args.stream_codes] if args.streams else ""))
     (args.results / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.results / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
+
+
+STREAM_STEMS = {"shared": "_streams", "8bit": "_streams8"}
+STREAM_TITLES = {"shared": ", residual-stream quantizers sharing their readers' codes",
+                 "8bit": ", 8-bit residual-stream quantizers"}
 
 
 def markdown(r: dict) -> str:
     from abs_deploy.export.report_format import kernel_sentences, model_label
 
     lat = r["latency"]
-    streams = ", residual-stream quantizers" if r.get("streams") else ""
+    # "streams" was True (8-bit, before shared codes), now the form or False.
+    form = r.get("streams")
+    streams = STREAM_TITLES["8bit" if form is True else form] if form else ""
     lines = ["# abs-export on ResNet-20 (digits32), half the inner channels pruned, 4/4 bits"
              + streams, "",
              f"`{r['export_command']}` in a fresh process: wall time {r['wall_median_s']:.1f} s "

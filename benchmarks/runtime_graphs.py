@@ -3,9 +3,10 @@ own optimization and where its time goes.
 
 For ResNet-20 and MobileNetV2-CIFAR (x0.35) on digits32, 4/4 bits with 8/8 first and last
 layers and half of every prunable group removed (`rt_checkpoints.random_checkpoint`, random
-weights: structure and time do not depend on them), exported with `--weights int8` without and
-with residual-stream quantizers (streams.py; what `abs finetune` makes by default), and with
-`--weights int4` and streams:
+weights: structure and time do not depend on them), exported with `--weights int8` without
+residual-stream quantizers, with 8-bit ones (streams.py; checkpoints written before shared
+codes), with streams sharing their readers' codes (what `abs finetune --streams` makes), and
+with `--weights int4` and shared-code streams:
 
 - ONNX Runtime (all optimizations): layers on integer kernels, residual adds on QLinearAdd,
   weights dequantized every run and the node types of its optimized model, counted as the
@@ -50,10 +51,14 @@ INFLATED = ("Times are inflated by the other work; node counts are not, and the 
             "time move less than the totals.")
 
 
-VARIANTS = [("int8", False), ("int8", True), ("int4", True)]  # (weights, streams)
+# (weights, streams): none, 8-bit ones of their own (older checkpoints), sharing their
+# readers' codes (what `abs finetune --streams` makes).
+VARIANTS = [("int8", None), ("int8", "8bit"), ("int8", "shared"), ("int4", "shared")]
+STREAM_TITLES = {None: "without residual streams", "8bit": "with 8-bit residual streams",
+                 "shared": "with residual streams sharing their readers' codes"}
 
 
-def export(model: str, kwargs: dict, weights: str, streams: bool, folder: Path) -> Path:
+def export(model: str, kwargs: dict, weights: str, streams: str | None, folder: Path) -> Path:
     sys.path.insert(0, str(ROOT / "runtime_tests"))
     from rt_checkpoints import dataset_for, random_checkpoint
 
@@ -61,8 +66,9 @@ def export(model: str, kwargs: dict, weights: str, streams: bool, folder: Path) 
     from abs_deploy.export import ExportOptions, export_model
 
     ckpt = random_checkpoint(model, dataset_for("digits32"), fixed=(4, 4), prune_fraction=0.5,
-                             edge_bits=8, single_channel=False, with_streams=streams, **kwargs)
-    tag = f"{weights}{'_streams' if streams else ''}"
+                             edge_bits=8, single_channel=False, with_streams=bool(streams),
+                             shared_codes=streams == "shared", **kwargs)
+    tag = f"{weights}_{streams or 'nostreams'}"
     path = save_checkpoint(ckpt, folder / f"{model}_{tag}.pt")
     out = folder / tag / f"{model}.onnx"
     out.parent.mkdir(exist_ok=True)
@@ -165,8 +171,9 @@ def markdown(r: dict) -> str:
     for row in r["rows"]:
         kernels = {"onnxruntime": row["ort"], **({"openvino": row["openvino"]}
                                                  if row["openvino"] else {})}
-        streams = "with" if row.get("streams") else "without"
-        lines += [f"## {row['model']}, `--weights {row['weights']}`, {streams} residual streams "
+        form = row.get("streams")
+        streams = STREAM_TITLES["8bit" if form is True else (form or None)]
+        lines += [f"## {row['model']}, `--weights {row['weights']}`, {streams} "
                   f"({row['bytes']:,} bytes)", "",
                   *(f"- {k}" for k in kernel_sentences(kernels)), "",
                   "ORT optimized model: " + ", ".join(

@@ -35,13 +35,15 @@ def random_checkpoint(model_name: str, data: Dataset, *, seed: int = 0,
                       bits: tuple[int, ...] = (2, 4, 8), fixed: tuple[int, int] | None = None,
                       prune: bool = True, single_channel: bool = True, bn_folded: bool = False,
                       prune_fraction: float | None = None, edge_bits: int | None = None,
-                      with_streams: bool = False, **model_kwargs) -> dict:
+                      with_streams: bool = False, shared_codes: bool = False,
+                      **model_kwargs) -> dict:
     """A checkpoint in the convention export consumes (see the module docstring).
 
     `fixed=(w, a)` gives every layer those bits (32 = float); else each tensor draws from
     `bits`. `edge_bits` then sets the first and last layer. `prune_fraction` prunes that share
     of every prunable group instead of a random one. `with_streams` adds residual-stream
-    quantizers (streams.py) with clips calibrated on the same batches.
+    quantizers (streams.py) with clips calibrated on the same batches; `shared_codes` makes
+    those whose readers quantize alike share their codes (one clip, the largest of theirs).
     """
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -75,12 +77,29 @@ def random_checkpoint(model_name: str, data: Dataset, *, seed: int = 0,
     if with_streams:
         clips.update({f"{n}.clip": torch.tensor(v)
                       for n, v in streams.calibrate(model, example, batches).items()})
+    if with_streams and shared_codes:
+        _tie_clips(model, example, decision, clips)
     state = {**model.state_dict(), **clips}
     spec = data.input_spec()
-    extra = {streams.CHECKPOINT_KEY: True} if with_streams else {}
+    extra = {streams.CHECKPOINT_KEY: streams.SHARED if shared_codes else True} \
+        if with_streams else {}
     return make_checkpoint("finetuned" if bn_folded else "searched", arch, spec,
                            data.num_classes, state, decision, metrics={}, history=[],
                            bn_folded=bn_folded, method="random", **extra)
+
+
+def _tie_clips(model: nn.Module, example: torch.Tensor, decision: Decision,
+               clips: dict[str, torch.Tensor]) -> None:
+    """What `streams.tie` does to a trained model, on the clip values: each shared stream and
+    its readers get the largest of the readers' input clips."""
+    inputs = {n: (d.a_bits, d.a_signed) for n, d in decision.items()}
+    marked = streams.insert(model, example, streams.StreamMarker, inputs)
+    for name in streams.names(marked):
+        readers = marked.get_submodule(name).readers
+        if readers:
+            clip = max((clips[f"{r}.a_clip"] for r in readers), key=lambda t: float(t.abs()))
+            for key in (f"{name}.clip", *(f"{r}.a_clip" for r in readers)):
+                clips[key] = clip.clone()
 
 
 def _out(model: nn.Module, name: str) -> int:

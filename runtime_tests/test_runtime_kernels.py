@@ -114,3 +114,52 @@ def test_ort_runs_every_mobilenet_layer_on_integer_kernels(mobilenet_streams):
             ort["weights_dequantized"]) == (MOBILENET_LAYERS, 0, MOBILENET_ADDS,
                                             MOBILENET_ADDS, 0)
     assert mobilenet_streams.report["parity"]["ort_optimized"]["top1_agreement"] == 1.0
+
+
+@pytest.fixture(scope="module")
+def resnet20_shared(datasets, tmp_path_factory):
+    ckpt = random_checkpoint("resnet20", datasets("digits32"), fixed=(4, 4), prune_fraction=0.5,
+                             edge_bits=8, single_channel=False, with_streams=True,
+                             shared_codes=True)
+    folder = tmp_path_factory.mktemp("shared")
+    path = save_checkpoint(ckpt, folder / "model.pt")
+    return export_model(path, ExportOptions(output=folder / "model.onnx", latency=False,
+                                            max_images=64))
+
+
+def _requantized(model: onnx.ModelProto) -> list[str]:
+    """QuantizeLinear nodes reading a DequantizeLinear's output: codes turned into other codes
+    on every run."""
+    made_by = {o: n.op_type for n in model.graph.node for o in n.output}
+    return [n.name for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and made_by.get(n.input[0]) == "DequantizeLinear"]
+
+
+def test_8_bit_streams_are_requantized_for_the_4_bit_layers_reading_them(resnet20_streams):
+    """What shared codes remove: each block's input, an 8-bit stream, is requantized to the
+    4-bit input of the conv(s) reading it (11 layers: 9 conv1 and 2 shortcuts)."""
+    assert len(_requantized(onnx.load(resnet20_streams.files["onnx"]))) == 11
+
+
+def test_shared_codes_quantize_each_tensor_once(resnet20_shared):
+    """A block's input is quantized by its conv's own 4-bit quantizer, which the conv, the
+    shortcut conv and the residual add all read: no QuantizeLinear reads dequantized codes,
+    and no tensor has two QuantizeLinears."""
+    model = onnx.load(resnet20_shared.files["onnx"])
+    assert _requantized(model) == []
+    quantized = [n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(quantized) == len(set(quantized))
+
+
+def test_with_shared_codes_ort_requantizes_nothing(resnet20_shared):
+    """#15 (d): every layer, residual add and the global pool on integer kernels, and the only
+    QuantizeLinear left in ORT's optimized graph is the network input's; parity exact."""
+    ort = resnet20_shared.report["kernels"]["onnxruntime"]
+    assert (ort["integer_layers"], ort["integer_adds"], ort["weights_dequantized"]) == \
+        (LAYERS, ADDS, 0)
+    types = ort["node_types"]
+    assert types.get("QuantizeLinear") == 1 and "DequantizeLinear" not in types
+    assert types.get("QLinearGlobalAveragePool") == 1
+    parity = resnet20_shared.report["parity"]
+    for mode in ("ort_unoptimized", "ort_optimized"):
+        assert parity[mode]["top1_agreement"] == 1.0 and parity[mode]["codes_max_diff"] == 0

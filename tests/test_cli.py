@@ -137,5 +137,10 @@ def test_finetune_streams_flag_writes_a_checkpoint_with_stream_quantizers(tmp_pa
                  "-o", tuned)
     assert result.exit_code == 0, result.output
     ckpt = load_checkpoint(tuned, stages=("finetuned",))
-    assert ckpt["streams"] is True
+    assert ckpt["streams"] == "shared"
     assert any(k.startswith("stream_quant.") and k.endswith(".clip") for k in ckpt["state_dict"])
+    eight = tmp_path / "model8.pt"
+    result = run("finetune", searched, "--streams", "--stream-codes", "8bit", "--epochs", "1",
+                 "--batch-size", "512", "-o", eight)
+    assert result.exit_code == 0, result.output
+    assert load_checkpoint(eight, stages=("finetuned",))["streams"] is True

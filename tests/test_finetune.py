@@ -79,12 +79,32 @@ def test_finetune_with_streams_trains_them_and_the_checkpoint_reloads(abs_search
                                                                       small_digits):
     tuned = finetune(abs_searched, small_digits, TrainConfig(epochs=1, lr=0.01),
                      with_streams=True)
-    assert tuned["streams"] is True
+    assert tuned["streams"] == streams.SHARED
     clips = [k for k in tuned["state_dict"] if k.startswith("stream_quant.")]
     assert clips and all(k.endswith(".clip") for k in clips)
     model = model_from_checkpoint(tuned)
     assert len(streams.names(model)) == len(clips)
+    # A shared stream's clip is its readers' input clip, after training and after reloading.
+    shared = [model.get_submodule(n) for n in streams.names(model)
+              if model.get_submodule(n).readers]
+    assert shared
+    for q in shared:
+        for r in q.readers:
+            assert model.get_submodule(r).a_clip is q.clip
+            assert torch.equal(tuned["state_dict"][f"{r}.a_clip"],
+                               tuned["state_dict"][f"{q.name}.clip"])
     assert evaluate(model, small_digits, "test") == pytest.approx(tuned["metrics"]["top1"])
+
+
+def test_finetune_with_8_bit_streams_writes_the_key_older_checkpoints_hold(abs_searched,
+                                                                            small_digits):
+    tuned = finetune(abs_searched, small_digits, TrainConfig(epochs=1, lr=0.01),
+                     with_streams=True, shared_codes=False)
+    assert tuned["streams"] is True
+    model = model_from_checkpoint(tuned)
+    assert streams.names(model) and all(
+        model.get_submodule(n).bits == 8 and not model.get_submodule(n).readers
+        for n in streams.names(model))
 
 
 def test_finetune_without_streams_writes_no_streams_key(abs_searched, small_digits):

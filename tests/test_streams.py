@@ -187,3 +187,88 @@ def test_a_layer_read_by_two_layers_gets_one_quantizer_they_share():
     gm = streams.insert(Fork(), torch.randn(1, 3, 4, 4))
     # two readers would mean two QuantizeLinears on stem's output: ORT fuses neither.
     assert _placed(gm) == [("relu", False)]
+
+
+# --- shared codes: a stream quantized by the quantizer of the layers reading it ------------
+
+def _inputs(model: nn.Module, **bits: tuple[int, bool]) -> dict[str, tuple[int, bool]]:
+    """Every layer's input at 4 bits unsigned, but those named."""
+    return {n: bits.get(n, (4, False)) for n, m in model.named_modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def _kinds(gm) -> list[tuple[str, int, bool, tuple[str, ...]]]:
+    return [(node.args[0].name, q.bits, q.signed, q.readers)
+            for node in gm.graph.nodes
+            if node.op == "call_module" and node.target.startswith(streams.CONTAINER)
+            for q in [gm.get_submodule(node.target)]]
+
+
+def test_a_stream_read_by_layers_of_equal_bits_takes_their_quantizer():
+    model = TinyResidual()
+    gm = streams.insert(model, torch.randn(2, 3, 8, 8), inputs=_inputs(model, a2=(4, True),
+                                                                       short=(4, True)))
+    # The same places as 8-bit streams; the stem's ReLU (read by a1 and an add) takes a1's
+    # quantizer, the first add's ReLU that of a2 and the shortcut (both signed: a signed one
+    # after a ReLU is theirs all the same); the conv outputs only an add reads, and the last
+    # add (read by fc through a mean), stay 8-bit.
+    assert _kinds(gm) == [("relu", 4, False, ("a1",)), ("b1", 8, True, ()),
+                          ("relu_2", 4, True, ("a2", "short")), ("a2", 8, True, ()),
+                          ("short", 8, True, ()), ("add_1", 8, True, ())]
+
+
+@pytest.mark.parametrize("bits", [{"short": (2, False)}, {"short": (4, True)},
+                                  {"short": (32, False)}])
+def test_readers_quantizing_unlike_keep_an_8_bit_stream(bits):
+    """Bits or signedness differ, or one reader is float: no quantizer serves them all."""
+    model = TinyResidual()
+    gm = streams.insert(model, torch.randn(2, 3, 8, 8), inputs=_inputs(model, **bits))
+    assert _kinds(gm)[2] == ("relu_2", 8, False, ())
+
+
+def test_a_reader_behind_a_pool_keeps_an_8_bit_stream():
+    model = PoolHead()
+    gm = streams.insert(model, torch.randn(2, 3, 8, 8), inputs=_inputs(model))
+    assert _kinds(gm) == [("relu", 8, False, ())]
+
+
+def _trainable(model: nn.Module, inputs: dict[str, tuple[int, bool]]) -> nn.Module:
+    from abs_deploy.search.qmodel import quantize_model
+
+    quantize_model(model, {n: (4, b) for n, (b, _) in inputs.items()},
+                   {n: s for n, (_, s) in inputs.items()})
+    return model
+
+
+def test_tie_makes_one_clip_of_the_stream_and_its_readers_the_largest():
+    model = TinyResidual()
+    inputs = _inputs(model)
+    _trainable(model, inputs)
+    with torch.no_grad():
+        model.a2.a_clip.fill_(0.5)
+        model.short.a_clip.fill_(-2.0)  # a clip's magnitude is what counts
+    gm = streams.insert(model, torch.randn(2, 3, 8, 8), inputs=inputs)
+    streams.tie(gm)
+    q = gm.get_submodule("stream_quant.2")
+    assert gm.a2.a_clip is gm.short.a_clip is q.clip and float(q.clip.detach()) == -2.0
+    assert gm.stream_quant[0].clip is gm.a1.a_clip
+    # One parameter: the optimizer steps it once, and every key of it reloads.
+    names = {n for n, _ in gm.named_parameters()}
+    assert "short.a_clip" not in names and "stream_quant.2.clip" not in names
+    assert {"a2.a_clip", "short.a_clip", "stream_quant.2.clip"} <= set(gm.state_dict())
+
+
+def test_a_layer_requantizing_shared_codes_changes_nothing():
+    """The layer keeps quantizing its input in training; on the stream's codes that is the
+    identity, so the model is the one the file runs with one quantizer per tensor."""
+    model = TinyResidual()
+    inputs = _inputs(model)
+    _trainable(model, inputs)
+    gm = streams.insert(model, torch.randn(2, 3, 8, 8), inputs=inputs)
+    streams.tie(gm)
+    with torch.no_grad():
+        gm.a1.a_clip.fill_(0.37)
+    x = torch.randn(64, 8, 8, 8).relu() * 0.5
+    y = gm.stream_quant[0](x)
+    assert len(torch.unique(y)) > 8  # a real 4-bit grid, not all clipped
+    assert torch.equal(gm.a1.quant_input(y), y)

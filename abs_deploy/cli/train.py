@@ -187,15 +187,20 @@ def _run_search(method, fp, data, cfg, target, lam, cands, max_prune, alpha, act
 @checkpoint_data_options
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
 @click.option("--streams/--no-streams", default=False, show_default=True,
-              help="Also quantize every tensor that meets a residual add (8 bits, trained), so "
+              help="Also quantize every tensor that meets a residual add (trained), so "
                    "the exported convs and adds all run on integer kernels in ONNX Runtime "
-                   "(ResNet-20: 1.5x faster there, but 2.8x slower in OpenVINO, whose plugin "
-                   "needs a workaround for these files; see README).")
+                   "(ResNet-20: 1.3x the pruned float model's speed there, but 2.3x slower in "
+                   "OpenVINO, whose plugin needs a workaround for these files; see README).")
+@click.option("--stream-codes", type=click.Choice(["shared", "8bit"]), default="shared",
+              show_default=True,
+              help="With --streams: 'shared' quantizes a stream that its layers all read with "
+                   "the same bits by their own quantizer (one clip, no requantization); "
+                   "'8bit' gives every stream an 8-bit quantizer of its own.")
 @train_options()
 @model_code_options
 @guarded
-def finetune(checkpoint, dataset, data_dir, output, streams, epochs, lr, batch_size, seed, device,
-             workers, sync_bn):
+def finetune(checkpoint, dataset, data_dir, output, streams, stream_codes, epochs, lr,
+             batch_size, seed, device, workers, sync_bn):
     """Train a searched configuration in its deployable form (BN folded, bits fixed)."""
     from abs_deploy.search.finetune import finetune as run
 
@@ -205,7 +210,8 @@ def finetune(checkpoint, dataset, data_dir, output, streams, epochs, lr, batch_s
     with training_processes(device) as (dist, device):
         data = dataset_for(searched["input"], data_dir, dataset).on(device, workers)
         ckpt = run(searched, data, _config("finetune", epochs, lr, batch_size, seed, sync_bn),
-                   progress, epoch_printer("finetune"), with_streams=streams)
+                   progress, epoch_printer("finetune"), with_streams=streams,
+                   shared_codes=stream_codes == "shared")
         _write(ckpt, output, dist)
     if dist.is_main:
         print_decision(ckpt)

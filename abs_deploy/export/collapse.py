@@ -93,7 +93,7 @@ def collapse(ckpt: dict, reduce_range: bool = True) -> Collapsed:
     example = torch.zeros(shape)
     if ckpt.get(streams.CHECKPOINT_KEY):
         # Before anything reads the graph: the channel walk and torch.export see the markers.
-        model = streams.insert(model, example, streams.StreamMarker)
+        model = streams.insert(model, example, streams.StreamMarker, streams.inputs_of(ckpt))
     stream_names = streams.names(model)
     analysis = graph.Analysis(model, example)
     layers = read_decision(ckpt["decision"], model, analysis.layer_order(),
@@ -121,9 +121,11 @@ def collapse(ckpt: dict, reduce_range: bool = True) -> Collapsed:
                      "store 7-bit weights (int16 saturation of ORT's u8s8 kernels on AVX2): "
                      + ", ".join(reduced))
     if stream_names:
-        notes.append(f"{len(stream_names)} residual-stream quantizer(s) of "
-                     f"{streams.STREAM_BITS} bits on the tensors that meet residual adds "
-                     "or reach the next layer through another op")
+        shared = [n for n in stream_names if model.get_submodule(n).readers]
+        notes.append(f"{len(stream_names)} residual-stream quantizer(s) on the tensors that "
+                     "meet residual adds or reach the next layer through another op: "
+                     f"{len(stream_names) - len(shared)} of {streams.STREAM_BITS} bits, "
+                     f"{len(shared)} sharing the codes of the layers that read them")
     return Collapsed(original, model, reference.eval(), layers, shape, analysis.groups(),
                      notes, stream_names)
 

@@ -264,8 +264,10 @@ class _Translator:
             return names, layer or node.name
         lq = m.lq
         if lq.a_quantized:
-            src, c_min, c_max = self._quant_source(x)
-            aq = qdq.activation(self.b, self._t(src), lq, m.a_scale, (c_min, c_max))
+            aq = self._same_stream_quant(x, m)
+            if aq is None:
+                src, c_min, c_max = self._quant_source(x)
+                aq = qdq.activation(self.b, self._t(src), lq, m.a_scale, (c_min, c_max))
             self.quant[layer] = aq
             x_name = aq.output
         else:
@@ -282,12 +284,28 @@ class _Translator:
 
     def _quant_source(self, x: Node) -> tuple[Node, float | None, float | None]:
         """The tensor a quantizer should read and the float clamp it absorbs (see qdq.py)."""
-        while x.op == "call_function" and getattr(ops.op_of(x.target), "onnx", None) == "identity":
-            x = x.args[0]
+        x = _through_identities(x)
         bounds = _clamp_bounds(x) if x.op == "call_function" else None
         if bounds is None:
             return x, None, None
         return x.args[0], bounds[0], bounds[1]
+
+    def _same_stream_quant(self, x: Node, layer: nn.Module) -> qdq.ActQuant | None:
+        """The stream quantizer `x` comes out of, when it is the layer's own quantizer (same
+        bits, signedness and float32 scale: a stream sharing its readers' codes, streams.py).
+        The layer then reads its codes as they are: a second, identical Q/[Clip]/DQ would
+        compute the same codes and keep ORT from fusing the reader and the residual add."""
+        x = _through_identities(x)
+        if _onnx_kind(x) != "stream_quant":
+            return None
+        stream = self.integer.get(x.args[1])
+        aq = self.quant.get(x.args[1])
+        if stream is None or aq is None:
+            return None
+        same = (stream.lq.a_bits, stream.lq.a_signed) == (layer.lq.a_bits, layer.lq.a_signed)
+        if not same or aq.scale != float(qdq.f32(layer.a_scale).reshape(())):
+            return None
+        return aq
 
     def _stream_quant(self, node: Node) -> str:
         """A residual-stream quantizer (streams.py): Q/[Clip]/DQ on the tensor itself, which all
@@ -412,7 +430,7 @@ class _Translator:
         if rank == 4 and dims == [2, 3]:
             pooled = self.b.node("GlobalAveragePool", [self._t(x)], f"{node.name}.pool"
                                  if not keep else node.name)
-            return pooled if keep else self.b.node("Flatten", [pooled], node.name, axis=1)
+            return pooled if keep else self._flatten_batch(pooled, node.name)
         if self.opset < 18:
             raise UserError("mean over other than the spatial dims needs opset 18 or later")
         axes = self._const(f"{node.name}.axes", dims, np.int64)
@@ -424,8 +442,16 @@ class _Translator:
         start = _arg(node, 1, "start_dim", 0) % rank
         end = _arg(node, 2, "end_dim", -1) % rank
         if start == 1 and end == rank - 1:
-            return self.b.node("Flatten", [self._t(x)], node.name, axis=1)
+            return self._flatten_batch(self._t(x), node.name)
         return self._reshape_to(node, x, self._shape(node))
+
+    def _flatten_batch(self, x: str, name: str) -> str:
+        """(N, ...) -> (N, features) as Reshape(0, -1), not Flatten: ORT moves a QuantizeLinear
+        up through a Reshape (QDQ propagation) but not through a Flatten, so a global pool in
+        front of the classifier's quantizer fuses into QLinearGlobalAveragePool only so
+        (measured, ORT 1.32: a DequantizeLinear, a float pool and a QuantizeLinear otherwise)."""
+        target = self._const(f"{name}.shape", [0, -1], np.int64)
+        return self.b.node("Reshape", [x, target], name)
 
     def _reshape(self, node: Node) -> str:
         return self._reshape_to(node, node.args[0], [int(s) for s in node.args[1]])
@@ -450,6 +476,18 @@ class _Translator:
         if perm[0] != 0:
             raise UserError(f"transpose of the batch dim at node {node.name}")
         return self.b.node("Transpose", [self._t(x)], node.name, perm=perm)
+
+
+def _onnx_kind(node: Node) -> str | None:
+    """How the op table writes `node` ("identity", "stream_quant", ...), None if not an op."""
+    return getattr(ops.op_of(node.target), "onnx", None) if node.op == "call_function" else None
+
+
+def _through_identities(x: Node) -> Node:
+    """`x` followed back through the ops export writes as nothing (dropout, views, ...)."""
+    while _onnx_kind(x) == "identity":
+        x = x.args[0]
+    return x
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,7 @@ def activation(b: GraphBuilder, x: str, lq: LayerQuant | StreamSpec, a_scale: to
         lo, hi = fold_clamp(lo, hi, a_scale, *clamp)
         folded = f"clamp({_num(clamp[0])}, {_num(clamp[1])})"
     zp = zero_point(lq.a_bits, lq.a_signed)
-    s = _f32(a_scale).reshape(())
+    s = f32(a_scale).reshape(())
     scale = b.initializer(f"{lq.name}.act_scale", s)
     zero = b.initializer(f"{lq.name}.act_zero", np.array(zp, CODES))
     quantize = codes = b.node("QuantizeLinear", [x, scale, zero], node_name(lq, "act_q"))
@@ -130,18 +130,19 @@ def weight(b: GraphBuilder, lq: LayerQuant, codes: torch.Tensor, w_scale: torch.
         else np.int8
     w = b.initializer(f"{lq.name}.weight_q", q.astype(dtype))
     zero = b.initializer(f"{lq.name}.weight_zero", np.zeros(n, dtype))
-    scale = b.initializer(f"{lq.name}.weight_scale", _f32(w_scale))
+    scale = b.initializer(f"{lq.name}.weight_scale", f32(w_scale))
     return b.node("DequantizeLinear", [w, scale, zero], node_name(lq, "w_dq"), axis=0)
 
 
 def bias(b: GraphBuilder, lq: LayerQuant, b_int: torch.Tensor, bias_scale: torch.Tensor) -> str:
     """int32 bias at the accumulator scale `s_x * s_w[c]`."""
     q = b.initializer(f"{lq.name}.bias_q", b_int.detach().round().to(torch.int32).numpy())
-    scale = b.initializer(f"{lq.name}.bias_scale", _f32(bias_scale))
+    scale = b.initializer(f"{lq.name}.bias_scale", f32(bias_scale))
     return b.node("DequantizeLinear", [q, scale], node_name(lq, "b_dq"), axis=0)
 
 
-def _f32(t: torch.Tensor) -> np.ndarray:
+def f32(t: torch.Tensor) -> np.ndarray:
+    """The float32 values the file stores for `t`."""
     return t.detach().to(torch.float32).numpy().copy()
 
 

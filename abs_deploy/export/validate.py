@@ -235,6 +235,7 @@ def check_qcdq(model: onnx.ModelProto, quantizers: Mapping[str, qdq.ActQuant],
                runtimes: tuple[str, ...] = ()) -> QcdqParity:
     """The file in ORT's two modes and in each runtime of `runtimes` against `reference`.
     `quantizers`: each quantized layer's activation quantizer as the ONNX builder wrote it."""
+    quantizers = distinct(quantizers)
     codes = _code_tensors(model, quantizers)
     cut = layerwise(model, codes, quantizers)
     whole = {"off": session(model, optimize=False), "all": session(model, optimize=True)}
@@ -276,6 +277,19 @@ def runtime_session(model: onnx.ModelProto, runtime: str = "onnxruntime",
 
         return OVSession(model, threads=threads)
     raise UserError(f"unknown runtime {runtime!r}; known: onnxruntime, openvino")
+
+
+def distinct(quantizers: Mapping[str, qdq.ActQuant]) -> dict[str, qdq.ActQuant]:
+    """Each quantizer once, under the first name that wrote it: layers reading a stream that
+    shares their codes (streams.py) hold the stream's own quantizer, and the layer-cut copy
+    must cut each tensor once. The reference gives every one of those names the same codes
+    (a layer requantizing them with the same quantizer is the identity), so the first
+    stands for all."""
+    out: dict[str, qdq.ActQuant] = {}
+    for name, aq in quantizers.items():
+        if aq not in out.values():
+            out[name] = aq
+    return out
 
 
 def _code_tensors(model: onnx.ModelProto, quantizers: Mapping[str, qdq.ActQuant]

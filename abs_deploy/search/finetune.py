@@ -28,11 +28,13 @@ from abs_deploy.train import (
 
 def finetune(ckpt: dict, data: Dataset, cfg: TrainConfig, progress: Progress = no_progress,
              on_epoch_end: Callable[[EpochLog], None] | None = None,
-             with_streams: bool = False) -> dict:
+             with_streams: bool = False, shared_codes: bool = True) -> dict:
     """Train a `searched` checkpoint's decision (any method: uniform, abs, bsq) with BN folded;
     returns a `finetuned` checkpoint (`bn_folded=True`) with the best-validation weights.
-    `with_streams` (off by default, #15) adds 8-bit residual-stream quantizers (streams.py),
-    calibrated on training batches and trained with the rest; the checkpoint says so."""
+    `with_streams` (off by default, #15) adds residual-stream quantizers (streams.py),
+    calibrated on training batches and trained with the rest; the checkpoint says so.
+    `shared_codes` (with streams): a stream whose readers all quantize it alike is quantized
+    by their quantizer (one clip) instead of an 8-bit one of its own; False: 8 bits on all."""
     if ckpt.get("stage") != "searched" or not ckpt.get("decision"):
         raise UserError(f"fine-tune needs a searched checkpoint with a decision record, got "
                         f"stage '{ckpt.get('stage')}'")
@@ -42,7 +44,9 @@ def finetune(ckpt: dict, data: Dataset, cfg: TrainConfig, progress: Progress = n
     if with_streams and not ckpt.get(streams.CHECKPOINT_KEY):
         batches = [x.cpu() for x, _ in islice(data.batches("train", 64, shuffle=True,
                                                            seed=cfg.seed), 4)]
-        model = add_streams(model, torch.zeros(data.input_shape), batches)
+        inputs = {n: (d.a_bits, d.a_signed) for n, d in ckpt["decision"].items()} \
+            if shared_codes else None
+        model = add_streams(model, torch.zeros(data.input_shape), batches, inputs)
     model.to(data.device)
     start_top1 = evaluate(model, data, "test")
     logs = train(model, data, cfg, progress, on_epoch_end=on_epoch_end)
@@ -60,8 +64,10 @@ def finetune(ckpt: dict, data: Dataset, cfg: TrainConfig, progress: Progress = n
              if k not in ("format", "stage", "arch", "input", "num_classes", "state_dict",
                           "decision", "metrics", "history", "method", "bn_folded", "resume",
                           streams.CHECKPOINT_KEY)}
-    if with_streams or ckpt.get(streams.CHECKPOINT_KEY):
-        extra[streams.CHECKPOINT_KEY] = True
+    if ckpt.get(streams.CHECKPOINT_KEY):
+        extra[streams.CHECKPOINT_KEY] = ckpt[streams.CHECKPOINT_KEY]  # the form it trained
+    elif with_streams:
+        extra[streams.CHECKPOINT_KEY] = streams.SHARED if shared_codes else True
     return make_checkpoint("finetuned", ckpt["arch"], ckpt["input"], ckpt["num_classes"],
                            model.state_dict(), ckpt["decision"], metrics, history,
                            method=method, bn_folded=True, **extra)

@@ -118,14 +118,18 @@ def fold_batchnorm(model: nn.Module, decision: Decision) -> None:
     attach_masks(model, decision)
 
 
-def add_streams(model: nn.Module, example: Tensor, batches: Iterable[Tensor]) -> nn.Module:
+def add_streams(model: nn.Module, example: Tensor, batches: Iterable[Tensor],
+                inputs: streams.InputBits | None = None) -> nn.Module:
     """`model` with trainable residual-stream quantizers (streams.py), their clips calibrated
-    on `batches` of training data. After BN folding: the clips see the deployed tensors."""
+    on `batches` of training data. After BN folding: the clips see the deployed tensors. With
+    `inputs` (the layers' input bits), streams share their readers' codes where they can and
+    take their clip (`streams.tie`) rather than a calibrated one."""
     clips = streams.calibrate(model, example, batches)
-    out = streams.insert(model, example)
+    out = streams.insert(model, example, inputs=inputs)
     with torch.no_grad():
         for name, clip in clips.items():
             out.get_submodule(name).clip.fill_(clip)
+    streams.tie(out)
     return out
 
 
@@ -162,7 +166,9 @@ def model_from_checkpoint(ckpt: dict) -> nn.Module:
                 if layer.bias is None:
                     layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
     if ckpt.get(streams.CHECKPOINT_KEY):
-        model = streams.insert(model, torch.zeros(ckpt["input"]["shape"]))
+        model = streams.insert(model, torch.zeros(ckpt["input"]["shape"]),
+                               inputs=streams.inputs_of(ckpt))
+        streams.tie(model)
     missing, _ = model.load_state_dict(ckpt["state_dict"], strict=False)
     if missing:
         raise UserError(f"checkpoint lacks {len(missing)} weights of its architecture, "
