@@ -207,6 +207,20 @@ def tie(model: nn.Module) -> None:
         q.clip = clip
 
 
+def tie_values(model: nn.Module, example: Tensor, inputs: InputBits,
+               clips: dict[str, Tensor]) -> None:
+    """What `tie` does to a trained model, on a state dict's clip values (in place): each
+    shared stream's `<name>.clip` and its readers' `<reader>.a_clip` become the largest of the
+    readers' clips. For checkpoints made without training (`abs profile`, tests)."""
+    marked = insert(model, example, StreamMarker, inputs)
+    for name in names(marked):
+        readers = marked.get_submodule(name).readers
+        if readers:
+            clip = max((clips[f"{r}.a_clip"] for r in readers), key=lambda t: float(t.abs()))
+            for key in (f"{name}.clip", *(f"{r}.a_clip" for r in readers)):
+                clips[key] = clip.clone()
+
+
 def names(model: nn.Module) -> list[str]:
     """The stream quantizers' module names, in graph order (empty for a model without)."""
     container = getattr(model, CONTAINER, None)

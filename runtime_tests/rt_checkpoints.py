@@ -78,7 +78,8 @@ def random_checkpoint(model_name: str, data: Dataset, *, seed: int = 0,
         clips.update({f"{n}.clip": torch.tensor(v)
                       for n, v in streams.calibrate(model, example, batches).items()})
     if with_streams and shared_codes:
-        _tie_clips(model, example, decision, clips)
+        streams.tie_values(model, example,
+                           {n: (d.a_bits, d.a_signed) for n, d in decision.items()}, clips)
     state = {**model.state_dict(), **clips}
     spec = data.input_spec()
     extra = {streams.CHECKPOINT_KEY: streams.SHARED if shared_codes else True} \
@@ -86,20 +87,6 @@ def random_checkpoint(model_name: str, data: Dataset, *, seed: int = 0,
     return make_checkpoint("finetuned" if bn_folded else "searched", arch, spec,
                            data.num_classes, state, decision, metrics={}, history=[],
                            bn_folded=bn_folded, method="random", **extra)
-
-
-def _tie_clips(model: nn.Module, example: torch.Tensor, decision: Decision,
-               clips: dict[str, torch.Tensor]) -> None:
-    """What `streams.tie` does to a trained model, on the clip values: each shared stream and
-    its readers get the largest of the readers' input clips."""
-    inputs = {n: (d.a_bits, d.a_signed) for n, d in decision.items()}
-    marked = streams.insert(model, example, streams.StreamMarker, inputs)
-    for name in streams.names(marked):
-        readers = marked.get_submodule(name).readers
-        if readers:
-            clip = max((clips[f"{r}.a_clip"] for r in readers), key=lambda t: float(t.abs()))
-            for key in (f"{name}.clip", *(f"{r}.a_clip" for r in readers)):
-                clips[key] = clip.clone()
 
 
 def _out(model: nn.Module, name: str) -> int:

@@ -311,9 +311,14 @@ class _Model:
             clips[f"{name}.w_clip"] = weight.abs().flatten(1).amax(1).clamp_min(1e-8)
             clips[f"{name}.a_clip"] = torch.tensor(info.a_max)
         clips.update({f"{n}.clip": torch.tensor(v) for n, v in self.stream_clips.items()})
+        extra = {}
+        if self.opts.streams:
+            # As `abs finetune --streams` writes them: shared codes, clips tied.
+            extra = {streams.CHECKPOINT_KEY: streams.SHARED}
+            streams.tie_values(self.module, torch.zeros(self.input_shape),
+                               {n: (d.a_bits, d.a_signed) for n, d in decision.items()}, clips)
         channels = self.input_shape[1]
         spec = {"shape": self.input_shape, "mean": [0.0] * channels, "std": [1.0] * channels}
-        extra = {streams.CHECKPOINT_KEY: True} if self.opts.streams else {}
         return make_checkpoint("searched", self.arch, spec, self.num_classes,
                                {**self.module.state_dict(), **clips}, Decision(decision),
                                method="profile", **extra)
