@@ -43,9 +43,11 @@ INFLATED = ("Latencies are inflated by the other work; the ratios between models
             "turns run by run) are what to compare.")
 
 
-def run(cmd: list[str], out: Path) -> None:
-    """Run one stage unless its output exists; the command's output goes to a log beside it."""
-    if out.exists():
+def run(cmd: list[str], out: Path, resumes: bool = False) -> None:
+    """Run one stage unless its output exists; the command's output goes to a log beside it.
+    A command that `resumes` its own output (abs profile) is always run: it measures only what
+    the file lacks, and a file it was stopped writing must not count as done."""
+    if out.exists() and not resumes:
         print(f"cached   {out.name}", flush=True)
         return
     print(f"running  {' '.join(cmd)}", flush=True)
@@ -78,7 +80,7 @@ def stages(args: argparse.Namespace) -> dict:
                 str(args.pretrain_epochs), "-o", str(fp)), fp)
     run(abs_cmd("profile", str(fp), "--runtime", "ort", "--batch", str(SETTING["batch"]),
                 "--threads", str(SETTING["threads"]), "--max-prune", str(args.max_prune),
-                "--streams", "-o", str(lut)), lut)
+                "--streams", "-o", str(lut)), lut, resumes=True)
     search = ["--dataset", "digits32", "--epochs", str(args.search_epochs), "--max-prune",
               str(args.max_prune)]
     tune = ["--dataset", "digits32", "--epochs", str(args.ft_epochs), "--streams"]
