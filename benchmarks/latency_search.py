@@ -83,7 +83,8 @@ def stages(args: argparse.Namespace) -> dict:
                 "--streams", "-o", str(lut)), lut, resumes=True)
     search = ["--dataset", "digits32", "--epochs", str(args.search_epochs), "--max-prune",
               str(args.max_prune)]
-    tune = ["--dataset", "digits32", "--epochs", str(args.ft_epochs), "--streams"]
+    tune = ["--dataset", "digits32", "--epochs", str(args.ft_epochs), "--lr", str(args.ft_lr),
+            "--streams"]
     out = {}
     lat = WORK / "latency.pt"
     run(abs_cmd("search", str(fp), "--target-latency", args.latency, "--lut", str(lut),
@@ -138,14 +139,16 @@ def _fp_original():
 def markdown(r: dict) -> str:
     lines = ["# Searching for latency, BOPs and size: ResNet-20 on digits32, ORT, batch 32, "
              "1 thread", "",
-             "| search | fine-tuned top-1 | FP top-1 | target | predicted | measured | "
-             "BOPs | latency, same run (ms) |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+             "| search | searched top-1 | fine-tuned top-1 | FP top-1 | target | predicted | "
+             "measured | BOPs | latency, same run (ms) |",
+             "|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     same = {t["model"]: t["median_ms"] for t in r["same_run"]}
     for name, v in r["runs"].items():
         targets = v["report"].get("targets") or []
         bops = v["report"]["totals"]["exported"]["bops"]
         for t in targets or [{}]:
-            lines.append(f"| {name} | {100 * v['top1']:.2f}% | {100 * v['fp_top1']:.2f}% | "
+            lines.append(f"| {name} | {100 * v['searched_top1']:.2f}% | {100 * v['top1']:.2f}% | "
+                         f"{100 * v['fp_top1']:.2f}% | "
                          f"{t.get('text', '')} ({t.get('kind', '')}) | "
                          f"{_num(t.get('predicted'))} | {_num(t.get('measured'))} | "
                          f"{bops / 1e6:.1f} M | {same.get(f'{name}-targeted', 0):.2f} |")
@@ -164,6 +167,10 @@ def main() -> None:
     ap.add_argument("--pretrain-epochs", type=int, default=15)
     ap.add_argument("--search-epochs", type=int, default=6)
     ap.add_argument("--ft-epochs", type=int, default=4)
+    # At fine-tune's default 1e-3 the latency-targeted decision (8-bit, 75% of inner channels
+    # pruned) diverged in its first epoch, with or without streams (loss 8.2, 31% top-1);
+    # 1e-4 trains it. Every run here gets the same rate.
+    ap.add_argument("--ft-lr", type=float, default=1e-4)
     ap.add_argument("--latency", default="0.5x")
     ap.add_argument("--size", default="110KB")
     # Without residual-stream quantizers ORT runs QCDQ ResNet-20 slower than the pruned float
