@@ -139,7 +139,8 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, method: Method | None
         on_epoch_end: Callable[[EpochLog], None] | None = None,
         resume: ResumeFile | None = None) -> list[EpochLog]:
     """Train `model` in place with `method`; returns one log per epoch. With the method's
-    `keep_best`, the weights of the best validation epoch are loaded at the end."""
+    `keep_best`, the weights of the best validation epoch (the starting weights included)
+    are loaded at the end."""
     method = method or Method()
     dist = current()
     if cfg.amp is not None and not method.amp_safe:
@@ -154,6 +155,11 @@ def fit(model: nn.Module, data: Dataset, cfg: TrainConfig, method: Method | None
     state = {"epoch": 0, "logs": [], "best_val": -1.0, "best_state": None}
     if resume is not None:
         state = _restore(resume, model, opts, method) or state
+    if method.keep_best and state["epoch"] == 0:
+        # The starting weights compete too: a stage whose training diverges (measured: a
+        # fine-tune at too high a rate for its decision) hands back what it was given, not
+        # its least bad epoch.
+        state["best_val"], state["best_state"] = evaluate(model, data), _cpu_copy(model)
     steps = data.num_batches("train", cfg.batch_size, world=dist.world)
     ddp = _wrap(model, method)
     with synced_batchnorm(model, cfg.sync_bn):

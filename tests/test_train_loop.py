@@ -86,3 +86,18 @@ def test_mixed_precision_is_refused_for_a_quantizing_method(small):
     model = create_model("digits_cnn", num_classes=10, in_chans=1)
     with pytest.raises(UserError, match="--amp is for full-precision training"):
         fit(model, small, TrainConfig(epochs=1, amp="bf16"), method)
+
+
+def test_a_diverging_stage_hands_back_its_starting_weights(fp, small):
+    """The starting weights compete for the best validation epoch: at a rate that wrecks the
+    trained digits model, fit returns it unchanged instead of its least bad epoch."""
+    from abs_deploy.checkpoint import build_arch
+
+    model = build_arch(fp["arch"])
+    model.load_state_dict(fp["state_dict"])
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    before = evaluate(model, small)
+    logs = fit(model, small, TrainConfig(epochs=1, lr=50.0, batch_size=64))
+    assert logs[0].val_acc < before      # training did wreck it
+    assert evaluate(model, small) == before
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
