@@ -42,6 +42,14 @@ INFLATED = ("Both the table and the whole models were timed under that load, at 
             "moments; the errors include its changes between them.")
 
 
+def _stamp(lut: Path, prov: dict, profile: dict) -> None:
+    """The table is a result file too: it gets the commit and the command that made it (the
+    table format ignores keys it does not know)."""
+    record = json.loads(lut.read_text())
+    record.update(commit=prov["commit"], command=profile.get("command"))
+    lut.write_text(json.dumps(record) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--decisions", type=int, default=5)
@@ -58,6 +66,7 @@ def main() -> None:
 
     if "profile" not in state:
         state["profile"] = build_table(lut, args.runtime)
+        _stamp(lut, state["provenance"], state["profile"])
         _save(out_json, state)
     from abs_deploy.latency_table import LatencyTable
 
