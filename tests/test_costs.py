@@ -5,6 +5,7 @@ import dataclasses
 
 import pytest
 import torch
+from test_abs_search import _scramble  # random hard gate states
 
 from abs_deploy.errors import UserError
 from abs_deploy.models import create_model
@@ -68,17 +69,6 @@ class FakeTable:
             out, inp = (v.item() for v in kept[n])
             total += self.base(m.w_bits, m.a_bits) * out * inp + self.per_out[n] * out
         return total
-
-
-def _scramble(net, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in net.layers.values():
-            if m.searchable:
-                m.w_thr.copy_(torch.rand(m.w_thr.shape, generator=gen) * 0.4)
-                m.a_thr.copy_(torch.rand(m.a_thr.shape, generator=gen) * 0.4)
-        for g in net.groups:
-            net.layers[g.owner].f_thr.fill_(0.6 + 0.4 * float(torch.rand((), generator=gen)))
 
 
 def test_level_weights_are_the_telescoping_bits_in_value_and_gradient():
