@@ -18,7 +18,7 @@ first missing file. A stage is redone only when its file is deleted.
    latency table of the float original and the three QCDQ files, taking turns run by run
    (`abs_deploy.export.latency.measure`, the export's own method).
 
-    python benchmarks/latency_search.py [--search-epochs 6] [--ft-epochs 4] [--size 110KB]
+    python benchmarks/latency_search.py [--search-epochs 6] [--ft-epochs 8] [--size 110KB]
 
 writes results/latency_search.{json,md}.
 """
@@ -166,11 +166,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pretrain-epochs", type=int, default=15)
     ap.add_argument("--search-epochs", type=int, default=6)
-    ap.add_argument("--ft-epochs", type=int, default=4)
     # At fine-tune's default 1e-3 the latency-targeted decision (8-bit, 75% of inner channels
-    # pruned) diverged in its first epoch, with or without streams (loss 8.2, 31% top-1);
-    # 1e-4 trains it. Every run here gets the same rate.
-    ap.add_argument("--ft-lr", type=float, default=1e-4)
+    # pruned) diverged in its first epoch, with or without streams (loss 8.2, 31% top-1).
+    # Of 4 epochs at 1e-4 and 8 at 3e-4, the second had the better validation top-1 on it
+    # (98.3% against 97.5%). Every run here gets the same schedule.
+    ap.add_argument("--ft-epochs", type=int, default=8)
+    ap.add_argument("--ft-lr", type=float, default=3e-4)
     ap.add_argument("--latency", default="0.5x")
     ap.add_argument("--size", default="110KB")
     # Without residual-stream quantizers ORT runs QCDQ ResNet-20 slower than the pruned float
