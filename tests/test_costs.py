@@ -168,7 +168,7 @@ def _fp_size(fp_digits, small_digits, weights: str) -> tuple[float, float]:
     for m in net.layers.values():
         m.pinned_bits = (m.candidates[0], m.candidates[0])
     for g in net.groups:
-        g.pinned_kept = g.channels - min(int(net.max_prune * g.channels), g.channels - 1)
+        g.pinned_kept = net.fewest(g)
     return net.cost("size").item(), hi
 
 

@@ -133,6 +133,10 @@ class SuperBitNet:
             return mask
         return filter_gate(self.norms(g), self.layers[g.owner].f_thr, self.max_prune)
 
+    def fewest(self, g: GateGroup) -> int:
+        """The fewest channels `g` may keep: `max_prune` of them may go, never all."""
+        return g.channels - min(int(self.max_prune * g.channels), g.channels - 1)
+
     def refresh_masks(self) -> None:
         for g in self.groups:
             g.mask = self.group_mask(g)
@@ -606,7 +610,7 @@ def _check_grids(net: SuperBitNet, lut: LatencyTable) -> None:
     """Below its grid a table can only guess (interpolation holds the end value): refuse a
     search that may keep fewer channels than the table measured."""
     for g in net.groups:
-        g.pinned_kept = g.channels - min(int(net.max_prune * g.channels), g.channels - 1)
+        g.pinned_kept = net.fewest(g)
     with torch.no_grad():
         fewest = net.kept_counts()
     for g in net.groups:
@@ -637,7 +641,7 @@ def _extremes(net: SuperBitNet, kinds: Sequence[str]) -> tuple[dict, dict]:
         for m in net.layers.values():
             m.pinned_bits = (m.candidates[0], m.candidates[0])
         for g in net.groups:
-            g.pinned_kept = g.channels - min(int(net.max_prune * g.channels), g.channels - 1)
+            g.pinned_kept = net.fewest(g)
         lo = {k: net.cost(k).item() for k in kinds}
         for n, m in net.layers.items():
             m.pinned_bits = saved[n]
@@ -837,7 +841,7 @@ def _moves(net: SuperBitNet, down: bool):
                 yield (name, which), _setter(m, "pinned_bits", new), _setter(m, "pinned_bits", old)
     for g in net.groups:
         step = max(1, g.channels // 16)
-        lo = g.channels - min(int(net.max_prune * g.channels), g.channels - 1)
+        lo = net.fewest(g)
         new = min(max(g.pinned_kept + sign * step, lo), g.channels)
         if new != g.pinned_kept:
             yield (("group", g.id), _setter(g, "pinned_kept", new),
