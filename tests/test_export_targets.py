@@ -26,8 +26,8 @@ TIMINGS = [Timing("fp_original", 32, 1, 8.24, 9.0, 50), Timing("qcdq", 32, 1, 4.
            Timing("qcdq", 1, 1, 0.5, 0.6, 50)]
 
 
-def _section(timings=TIMINGS, missing=None, weights="int4"):
-    return targets.section(TARGETS, bops=2e6, size=1400, weights=weights, file="model.onnx",
+def _section(timings=TIMINGS, missing=None, weights="int4", targets_=TARGETS):
+    return targets.section(targets_, bops=2e6, size=1400, weights=weights, file="model.onnx",
                            timings=timings, latency_missing=missing, warmup=10,
                            versions={"onnxruntime": "1.32.0"}, cpu="Test CPU")
 
@@ -105,9 +105,16 @@ def test_each_target_gets_its_measurement_and_both_errors():
     assert lat["how"] | {"order": None} == {
         "artifact": "model.onnx", "model": "qcdq", "runtime": "onnxruntime",
         "runtime_version": "1.32.0", "batch": 32, "threads": 1, "runs": 50, "warmup": 10,
-        "statistic": "median", "order": None}
+        "statistic": "median", "clock": "wall", "order": None}
     assert size["measured"] == 1400 and size["how"]["weights"] == "int4"
     assert [r["notes"] for r in (bops, lat, size)] == [[], [], []]
+
+
+def test_a_prediction_from_a_cpu_time_table_is_named_beside_the_wall_clock():
+    targets = [dict(t, lut=dict(t["lut"], clock="cpu")) if t["kind"] == "latency" else t
+               for t in TARGETS]
+    lat = _section(targets_=targets)[1]
+    assert any("cpu time" in n and "wall-clock" in n for n in lat["notes"])
 
 
 def test_a_fraction_of_the_fp_original_is_also_measured_as_one():

@@ -165,7 +165,7 @@ def _latency(row: dict, t: dict, timings: Sequence[Timing], missing: str | None,
     _measured(row, ours.median_ms, {
         "artifact": file, "model": ours.model, "runtime": runtime,
         "runtime_version": versions.get(runtime), "batch": batch, "threads": threads,
-        "runs": ours.runs, "warmup": warmup, "statistic": "median",
+        "runs": ours.runs, "warmup": warmup, "statistic": "median", "clock": "wall",
         "order": "the models take turns run by run"})
     fp = _median(timings, FP_MODEL[runtime], batch, threads)
     fp_then = t["lut"].get("fp_original_ms")
@@ -186,6 +186,11 @@ def _table_differs(lut: dict, version: str | None, cpu: str) -> list[str]:
     """Where the latency table the prediction came from was measured otherwise than now:
     another runtime version or CPU predicts another machine."""
     notes = []
+    if lut.get("clock", "wall") != "wall":
+        # On one thread `abs profile` times by CPU time, which other work on the machine does
+        # not inflate; this table's wall clock does, so a loaded machine shows as a miss.
+        notes.append(f"the prediction comes from a table timed by {lut['clock']} time, this "
+                     "measurement is wall-clock time")
     if lut.get("runtime_version") and version and lut["runtime_version"] != version:
         notes.append(f"the latency table was measured with {lut.get('runtime')} "
                      f"{lut['runtime_version']}, this export uses {version}")

@@ -196,5 +196,6 @@ def lut_record(table: LatencyTable) -> dict:
     """Where a latency prediction comes from, for the checkpoint and the export report: the
     export measures its artifact in the same runtime and setting to compare."""
     return {"runtime": table.runtime, "runtime_version": table.runtime_version,
-            "batch": table.batch, "threads": table.threads, "machine": dict(table.machine),
+            "batch": table.batch, "threads": table.threads, "clock": table.clock,
+            "machine": dict(table.machine),
             "fp_original_ms": table.fp_original_ms}
