@@ -165,11 +165,8 @@ def _fp_size(fp_digits, small_digits, weights: str) -> tuple[float, float]:
     net = to_superbit(create_model("digits_cnn"), torch.zeros(1, 1, 8, 8))
     net.use_cost(SizeCost(weights))
     hi = net.cost("size").item()
-    for m in net.layers.values():
-        m.pinned_bits = (m.candidates[0], m.candidates[0])
-    for g in net.groups:
-        g.pinned_kept = net.fewest(g)
-    return net.cost("size").item(), hi
+    with net.smallest():
+        return net.cost("size").item(), hi
 
 
 def test_search_lands_on_a_size_target(fp_digits, small_digits):

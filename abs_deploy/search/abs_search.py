@@ -24,9 +24,10 @@ The steps, top-down:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -136,6 +137,24 @@ class SuperBitNet:
     def fewest(self, g: GateGroup) -> int:
         """The fewest channels `g` may keep: `max_prune` of them may go, never all."""
         return g.channels - min(int(self.max_prune * g.channels), g.channels - 1)
+
+    @contextlib.contextmanager
+    def smallest(self) -> Iterator[None]:
+        """Within: the smallest decision the space holds (lowest bits, fewest channels kept);
+        the pins the gates had are back afterwards."""
+        bits = {n: m.pinned_bits for n, m in self.layers.items()}
+        kept = {g.id: g.pinned_kept for g in self.groups}
+        for m in self.layers.values():
+            m.pinned_bits = (m.candidates[0], m.candidates[0])
+        for g in self.groups:
+            g.pinned_kept = self.fewest(g)
+        try:
+            yield
+        finally:
+            for n, m in self.layers.items():
+                m.pinned_bits = bits[n]
+            for g in self.groups:
+                g.pinned_kept = kept[g.id]
 
     def refresh_masks(self) -> None:
         for g in self.groups:
@@ -609,12 +628,8 @@ def _use_costs(net: SuperBitNet, targets: Sequence[Target], lut: LatencyTable | 
 def _check_grids(net: SuperBitNet, lut: LatencyTable) -> None:
     """Below its grid a table can only guess (interpolation holds the end value): refuse a
     search that may keep fewer channels than the table measured."""
-    for g in net.groups:
-        g.pinned_kept = net.fewest(g)
-    with torch.no_grad():
+    with torch.no_grad(), net.smallest():
         fewest = net.kept_counts()
-    for g in net.groups:
-        g.pinned_kept = None
     for name, (out, inp) in fewest.items():
         counts = (out, inp * lut.channels(name)[1] / net.costs[name].c_in)
         for side, grid, kept in zip(("output", "input"), lut.grid(name), counts, strict=True):
@@ -637,16 +652,8 @@ def _extremes(net: SuperBitNet, kinds: Sequence[str]) -> tuple[dict, dict]:
     the search starts from (top bits, nothing pruned)."""
     with torch.no_grad():
         hi = {k: net.cost(k).item() for k in kinds}
-        saved = {n: m.pinned_bits for n, m in net.layers.items()}
-        for m in net.layers.values():
-            m.pinned_bits = (m.candidates[0], m.candidates[0])
-        for g in net.groups:
-            g.pinned_kept = net.fewest(g)
-        lo = {k: net.cost(k).item() for k in kinds}
-        for n, m in net.layers.items():
-            m.pinned_bits = saved[n]
-        for g in net.groups:
-            g.pinned_kept = None
+        with net.smallest():
+            lo = {k: net.cost(k).item() for k in kinds}
     return lo, hi
 
 

@@ -61,7 +61,9 @@ def level_weights(gates: Tensor) -> Tensor:
 
 def interpolate(grid: Sequence[float], x: Tensor) -> tuple[int, int, Tensor]:
     """The grid cell holding `x` (clamped to the grid's ends) and `x`'s differentiable position
-    in it: the two indices and `t` in [0, 1]."""
+    in it: the two indices and `t` in [0, 1]. Not `latency_table`'s bracket: at the grid's top
+    end (every channel kept, where the search starts) that one holds the end value, which gives
+    the filter gates no latency gradient; this one stays in the last cell, keeping its slope."""
     if len(grid) == 1 or grid[0] == grid[-1]:
         return 0, 0, x * 0.0
     v = float(x.detach())
