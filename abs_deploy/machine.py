@@ -28,3 +28,15 @@ def cores() -> int:
 
 def this_machine() -> dict:
     return {"cpu": cpu_name(), "cores": cores()}
+
+
+def runtime_version(runtime: str) -> str:
+    """The installed version of "onnxruntime" or "openvino" (imported only when asked: a
+    runtime that is not installed raises ImportError)."""
+    if runtime == "openvino":
+        import openvino
+
+        return openvino.__version__
+    import onnxruntime
+
+    return onnxruntime.__version__

@@ -241,8 +241,8 @@ def _latency_table(path: str, fp: dict, cands: tuple[int, ...], edge_bits: int
                    ) -> LatencyTable:
     """The table, refused in one line unless it was measured for this model, on this machine,
     over these candidates (how far down its grids reach, the search checks)."""
-    from abs_deploy.export.profile import runtime_version
     from abs_deploy.latency_table import LatencyTable
+    from abs_deploy.machine import runtime_version
 
     table = LatencyTable.load(path)
     table.check_for(fp["arch"], fp["input"]["shape"])

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import onnx
-import onnxruntime
 import torch
 
 from abs_deploy import bops, graph
@@ -41,7 +40,7 @@ from abs_deploy.export.validate import (
     check_qcdq,
 )
 from abs_deploy.files import check_output, discard, reason, same_file, temp_dir
-from abs_deploy.machine import cpu_name
+from abs_deploy.machine import cpu_name, runtime_version
 from abs_deploy.progress import Progress, no_progress
 from abs_deploy.quant import int_range
 
@@ -570,11 +569,9 @@ def _cpu(opts: ExportOptions, openvino_timed: bool = False) -> str:
 
 def _versions(timings: list[Timing]) -> dict[str, str]:
     """The version of each runtime the latency rows were timed in."""
-    out = {"onnxruntime": onnxruntime.__version__}
+    out = {"onnxruntime": runtime_version("onnxruntime")}
     if any(t.model.endswith("_openvino") for t in timings):
-        import openvino
-
-        out["openvino"] = openvino.__version__
+        out["openvino"] = runtime_version("openvino")
     return out
 
 

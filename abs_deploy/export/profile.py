@@ -70,7 +70,7 @@ from abs_deploy.export.latency import CLOCKS, MIN_RUNS, WARMUP, measure
 from abs_deploy.export.pipeline import ExportOptions, one_torch_thread, qcdq_files
 from abs_deploy.files import write_bytes
 from abs_deploy.latency_table import LatencyTable, bits_key, fingerprint
-from abs_deploy.machine import this_machine
+from abs_deploy.machine import runtime_version, this_machine
 from abs_deploy.progress import Progress, no_progress
 
 RUNTIMES = ("onnxruntime", "openvino")
@@ -157,16 +157,6 @@ def clock_for(opts: ProfileOptions) -> str:
     if opts.clock != "auto":
         return opts.clock
     return "cpu" if opts.threads == 1 else "wall"
-
-
-def runtime_version(runtime: str) -> str:
-    if runtime == "openvino":
-        import openvino
-
-        return openvino.__version__
-    import onnxruntime
-
-    return onnxruntime.__version__
 
 
 # --- the model and its synthetic checkpoints ----------------------------------------------
