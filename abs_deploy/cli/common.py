@@ -15,6 +15,7 @@ import click
 from tqdm import tqdm
 
 from abs_deploy import distributed
+from abs_deploy.checkpoint import MAX_INPUT_VALUES
 from abs_deploy.distributed import Dist
 from abs_deploy.errors import UserError
 from abs_deploy.export.errors import ExportFailed
@@ -265,3 +266,25 @@ def training_processes(device: str) -> Iterator[tuple[Dist, str]]:
 def echo_on(dist: Dist) -> Callable[..., None]:
     """`click.echo` on rank 0, nothing on the others: one copy of every line."""
     return click.echo if dist.is_main else (lambda *args, **kwargs: None)
+
+
+def bits_list(text: str) -> tuple[int, ...]:
+    """`--candidates 2,4,8` as ints (their order and range the search checks)."""
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise CliError(f"--candidates must be comma-separated bitwidths, got '{text}'") from None
+
+
+def input_shape_option(text: str) -> tuple[int, int, int]:
+    """`--input-shape C,H,W` read and bounded (a shape too large to run is refused here)."""
+    try:
+        c, h, w = (int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise CliError(f"--input-shape must be C,H,W, got '{text}'") from None
+    if min(c, h, w) < 1:
+        raise CliError(f"--input-shape must be three positive sizes C,H,W, got '{text}'")
+    if c * h * w > MAX_INPUT_VALUES:
+        raise CliError(f"--input-shape {text} is {c * h * w:,} values per image, more than "
+                       f"{MAX_INPUT_VALUES:,}: too large to measure on CPU")
+    return c, h, w

@@ -7,8 +7,15 @@ from pathlib import Path
 import click
 
 from abs_deploy.checkpoint import load_checkpoint
-from abs_deploy.cli.common import Command, FiniteFloat, guarded, model_code_options, progress
-from abs_deploy.cli.train import _bits_list, _shape
+from abs_deploy.cli.common import (
+    Command,
+    FiniteFloat,
+    bits_list,
+    guarded,
+    input_shape_option,
+    model_code_options,
+    progress,
+)
 from abs_deploy.export.latency import MIN_RUNS, WARMUP
 from abs_deploy.files import check_output
 from abs_deploy.models.registry import arch_record, data_kwargs, default_input_shape
@@ -59,7 +66,7 @@ def profile_cmd(model, runtime, batch, threads, clock, candidates, edge_bits, ma
 
     check_output(output, [model] if Path(model).is_file() else [])
     arch, shape = _model(model, num_classes, input_shape)
-    opts = ProfileOptions(RUNTIME_NAMES[runtime], batch, threads, clock, _bits_list(candidates),
+    opts = ProfileOptions(RUNTIME_NAMES[runtime], batch, threads, clock, bits_list(candidates),
                           edge_bits, max_prune, grid_points, streams, runs, warmup,
                           fit_decisions)
     r = profile(arch, shape, output, opts, progress)
@@ -82,5 +89,5 @@ def _model(model: str, num_classes: int | None, input_shape: str | None
     if Path(model).suffix == ".pt" or Path(model).is_file():
         ckpt = load_checkpoint(model)
         return ckpt["arch"], list(ckpt["input"]["shape"])
-    shape = _shape(input_shape) if input_shape else default_input_shape(model)
+    shape = input_shape_option(input_shape) if input_shape else default_input_shape(model)
     return (arch_record(model, **data_kwargs(model, num_classes, shape[0])), [1, *shape])

@@ -10,17 +10,19 @@ from typing import TYPE_CHECKING
 import click
 
 from abs_deploy import bops
-from abs_deploy.checkpoint import MAX_INPUT_VALUES, load_checkpoint, save_checkpoint
+from abs_deploy.checkpoint import load_checkpoint, save_checkpoint
 from abs_deploy.cli.common import (
     CliError,
     Command,
     FiniteFloat,
+    bits_list,
     checkpoint_data_options,
     data_dir_option,
     echo_on,
     epoch_printer,
     fmt_count,
     guarded,
+    input_shape_option,
     model_code_options,
     progress,
     train_options,
@@ -139,7 +141,7 @@ def search(checkpoint, method, target_bops, target_latency, lut, target_size, we
     if method == "abs":
         check_output(state, [checkpoint])
     fp = load_checkpoint(checkpoint, stages=("fp",))
-    cands = _bits_list(candidates)
+    cands = bits_list(candidates)
     table = _latency_table(lut, fp, cands, edge_bits) if lut else None
     targets = _unit_targets(method, target_latency, table, target_size)
     if method == "abs" and target_bops is None and lam is None and not targets:
@@ -276,13 +278,6 @@ def _unit_targets(method: str, latency: str | None, table, size: str | None) -> 
     return targets
 
 
-def _bits_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise CliError(f"--candidates must be comma-separated bitwidths, got '{text}'") from None
-
-
 def print_decision(ckpt: dict, target: float | None = None) -> None:
     """Per-layer bits, kept filters and BOPs, then the totals against FP (and the target)."""
     rows = {r.name: r for r in bops.decision_bops(ckpt["decision"], ckpt["arch"],
@@ -321,7 +316,7 @@ def _unit(t: dict, value: float) -> str:
 @guarded
 def bops_cmd(model, num_classes, input_shape, w_bits, a_bits, edge_bits, as_json):
     """Per-layer MACs and BOPs of a zoo model or a checkpoint (FP counts as 32x32 bits)."""
-    shape = _shape(input_shape) if input_shape else None
+    shape = input_shape_option(input_shape) if input_shape else None
     if Path(model).suffix == ".pt" or Path(model).is_file():
         ckpt = load_checkpoint(model)
         if ckpt["decision"]:
@@ -352,19 +347,6 @@ def _uniform_rows(net, shape, w_bits, a_bits, edge_bits):
     quantized = w_bits < 32 or a_bits < 32
     return bops.bops_table(costs, bops.default_bits(costs, w_bits, a_bits, edge_bits)
                            if quantized else None)
-
-
-def _shape(text: str) -> tuple[int, int, int]:
-    try:
-        c, h, w = (int(v) for v in text.replace("x", ",").split(","))
-    except ValueError:
-        raise CliError(f"--input-shape must be C,H,W, got '{text}'") from None
-    if min(c, h, w) < 1:
-        raise CliError(f"--input-shape must be three positive sizes C,H,W, got '{text}'")
-    if c * h * w > MAX_INPUT_VALUES:
-        raise CliError(f"--input-shape {text} is {c * h * w:,} values per image, more than "
-                       f"{MAX_INPUT_VALUES:,}: too large to measure on CPU")
-    return c, h, w
 
 
 def _json_kwargs(text: str) -> dict:
