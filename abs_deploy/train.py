@@ -41,6 +41,7 @@ class TrainConfig:
     seed: int = 0
     sync_bn: bool = False         # BatchNorm statistics over all ranks' batches
     amp: str | None = None        # "bf16" or "fp16" autocast, for the full-precision stage only
+    grad_clip: float | None = None  # the gradients' global norm is clipped to this each step
 
 
 @dataclass
@@ -221,6 +222,8 @@ def _train_epoch(ddp: nn.Module, model: nn.Module, data: Dataset, cfg: TrainConf
             opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         method.before_update(step)
+        if cfg.grad_clip is not None:
+            _clip_gradients(model, opts, scaler, cfg.grad_clip)
         for opt in opts:
             scaler.step(opt)
         scaler.update()
@@ -233,6 +236,16 @@ def _train_epoch(ddp: nn.Module, model: nn.Module, data: Dataset, cfg: TrainConf
             bar.set_postfix_str(f"loss {loss.item():.3f} acc {correct / seen:.1%}"
                                 + (f" {status}" if status else ""), refresh=False)
     return [loss_sum, correct, seen]
+
+
+def _clip_gradients(model: nn.Module, opts: list, scaler: torch.amp.GradScaler,
+                    max_norm: float) -> None:
+    """Clip the global gradient norm (after DDP averaged it, so every rank clips alike). The
+    scaler's factor comes off first, or the clip would act on scaled gradients."""
+    for opt in opts:
+        scaler.unscale_(opt)
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                   max_norm)
 
 
 def _wrap(model: nn.Module, method: Method) -> nn.Module:

@@ -101,3 +101,42 @@ def test_a_diverging_stage_hands_back_its_starting_weights(fp, small):
     assert logs[0].val_acc < before      # training did wreck it
     assert evaluate(model, small) == before
     assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+
+
+class _FirstStep(Method):
+    """Scales the loss up (so the gradient is far above any clip) and records how far the
+    first update moved the weights."""
+
+    name = "first step"
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.moved = model, None
+
+    def begin_step(self, step: int) -> None:
+        self.before = [p.detach().clone() for p in self.model.parameters()]
+
+    def loss(self, ce, step: int):
+        return 1e3 * ce
+
+    def end_step(self, step: int) -> None:
+        if self.moved is None:
+            pairs = zip(self.model.parameters(), self.before, strict=True)
+            self.moved = torch.cat([(p.detach() - b).flatten() for p, b in pairs]).norm().item()
+
+
+def _first_update(data, grad_clip: float | None) -> float:
+    torch.manual_seed(0)
+    model = create_model("digits_cnn", num_classes=10, in_chans=1)
+    method = _FirstStep(model)
+    fit(model, data, TrainConfig(epochs=1, batch_size=64, lr=0.01, weight_decay=0.0,
+                                 grad_clip=grad_clip), method)
+    return method.moved
+
+
+def test_grad_clip_bounds_the_update_by_the_clipped_norm(small):
+    """The first Nesterov step moves the weights by lr * (1 + momentum) * |g|: with the
+    gradient clipped to norm 2 that is exactly 0.038, far below the unclipped step."""
+    clipped, free = _first_update(small, 2.0), _first_update(small, None)
+    assert clipped == pytest.approx(0.01 * 1.9 * 2.0, rel=1e-4)
+    assert free > 10 * clipped

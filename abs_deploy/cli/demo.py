@@ -58,7 +58,7 @@ def _train(out: Path, data: Dataset, seed: int, steps: int, streams: bool = Fals
     """Stages 1-4, each checkpoint written to `out` as it is made."""
     from abs_deploy.pretrain import pretrain
     from abs_deploy.search.abs_search import abs_search
-    from abs_deploy.search.finetune import finetune
+    from abs_deploy.search.finetune import GRAD_CLIP, finetune
     from abs_deploy.search.uniform import uniform_qat
 
     click.echo(f"== 1/{steps} pretrain digits_cnn (full precision)")
@@ -78,7 +78,8 @@ def _train(out: Path, data: Dataset, seed: int, steps: int, streams: bool = Fals
     save_checkpoint(searched, out / "searched.pt")
 
     click.echo(f"== 4/{steps} fine-tune the chosen configuration (BN folded)")
-    tuned = finetune(searched, data, TrainConfig(epochs=10, lr=0.005, seed=seed), progress,
+    tuned = finetune(searched, data, TrainConfig(epochs=10, lr=0.005, seed=seed,
+                                                     grad_clip=GRAD_CLIP), progress,
                      epoch_printer("finetune"), with_streams=streams)
     model_path = save_checkpoint(tuned, out / "model.pt")
     print_decision(tuned, target)
