@@ -26,7 +26,7 @@ File format (JSON, written atomically; `FORMAT`, `VERSION`):
      "machine": {"cpu": "<model name>", "cores": 2},
      "setting": {"batch": 32, "threads": 1, "clock": "cpu"},  # "cpu": process CPU time
      "candidates": [2, 4, 8], "edge_bits": 8 | null, "max_prune": 0.5, "grid_points": 4,
-     "streams": false,
+     "streams": false, "pieces": 2,
      "method": {"warmup": 10, "runs": 50, "statistic": "median", "clock": "cpu",
                 "order": "..."},
      "date": "<ISO 8601, UTC>",
@@ -62,6 +62,10 @@ from abs_deploy.machine import this_machine
 
 FORMAT = "abs-deploy-lut"
 VERSION = 1
+# How `abs profile` cuts layers into pieces. 2: a layer reading a residual stream takes the
+# stream's quantizer into its piece; before, such a layer was timed as a float conv on
+# dequantized weights, so a --streams table of piece version 1 is refused (others are unchanged).
+PIECES = 2
 FLOAT_KEY = "32/32"
 
 
@@ -228,6 +232,10 @@ def read_record(path: str | os.PathLike) -> dict:
     if record.get("version") != VERSION:
         raise UserError(f"{path}: latency table version {record.get('version')!r}, this "
                         f"abs-deploy reads version {VERSION}")
+    if record.get("streams") and record.get("pieces", 1) < PIECES:
+        raise UserError(f"{path}: a --streams latency table that timed the layers reading a "
+                        "residual stream as float convs (made before abs-deploy cut them with "
+                        "the stream's quantizer); run abs profile again")
     return record
 
 

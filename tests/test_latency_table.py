@@ -115,3 +115,19 @@ def test_load_refuses_what_is_not_a_finished_table(tmp_path, content, words):
     with pytest.raises(UserError, match=words) as e:
         LatencyTable.load(path)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("changes, refused", [({"streams": True}, True),
+                                              ({"streams": True, "pieces": 2}, False),
+                                              ({"streams": False}, False)])
+def test_a_streams_table_of_the_old_pieces_is_refused(tmp_path, changes, refused):
+    """Piece version 1 timed the layers reading a residual stream as float convs: such a
+    --streams table is refused in one message; tables without streams were cut as now."""
+    path = tmp_path / "lut.json"
+    path.write_text(json.dumps(record(**changes)))
+    if refused:
+        with pytest.raises(UserError, match="run abs profile again") as e:
+            LatencyTable.load(path)
+        assert "\n" not in str(e.value)
+    else:
+        assert LatencyTable.load(path).streams == changes["streams"]

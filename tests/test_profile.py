@@ -111,12 +111,15 @@ def test_bad_options_are_one_line():
     one_line(run("no_such_model", "-o", "x.json"), "no_such_model")
 
 
+@pytest.mark.parametrize("arch, with_streams", [("digits_cnn", False), ("resnet20", True)])
 @pytest.mark.parametrize("bits", [(8, 8), (4, 4), (4, 8)])
-def test_pieces_run_the_kernels_of_the_whole_export(bits):
+def test_pieces_run_the_kernels_of_the_whole_export(bits, arch, with_streams):
     """Summed over the pieces, ONNX Runtime runs the same integer and float layer kernels as
-    on the whole file: each conv fuses to QLinearConv exactly when it does in the file."""
-    model = _Model(arch_record("digits_cnn", num_classes=10), [1, 1, 8, 8],
-                   ProfileOptions(candidates=(4, 8)))
+    on the whole file: each conv fuses to QLinearConv exactly when it does in the file. With
+    residual-stream quantizers a layer reading a stream takes the stream's Q/DQ into its piece
+    (cut after it, ORT ran that conv in float on dequantized weights, at 1.5x its time)."""
+    model = _Model(arch_record(arch, num_classes=10, in_chans=1), [1, 1, 8, 8],
+                   ProfileOptions(candidates=(4, 8), streams=with_streams))
     layer_bits = {n: model.bits_of(n, bits) for n in model.order}
     kept = model.random_decision(random.Random(0))[1]
     qcdq, _, _ = qcdq_files(collapse(model.checkpoint(layer_bits, kept)),
@@ -137,3 +140,26 @@ def test_a_checkpoint_names_the_model_it_was_trained_as(fp_path, fp):
     from abs_deploy.cli.profile import _model
 
     assert _model(str(fp_path), None, None) == (fp["arch"], list(fp["input"]["shape"]))
+
+
+def test_activation_bits_below_8_share_the_8_bit_measurement():
+    """A layer's piece is the same graph at 8/8, 8/4 and 4/2 (the input quantizer's Clip is
+    fused into the producer in the whole file and left out of the piece), so one measurement
+    serves all and the search sees no latency between them; the whole file keeps the Clips."""
+    from abs_deploy.export.profile import signature
+
+    model = _Model(arch_record("resnet20", num_classes=10, in_chans=1), [1, 1, 8, 8],
+                   ProfileOptions(candidates=(2, 4, 8), streams=True))
+    kept = {gid: grid[-1] for gid, grid in model.grids.items()}
+    sigs, clips = collections.defaultdict(set), 0
+    for pair in [(8, 8), (8, 4), (4, 2)]:
+        layer_bits = {n: model.bits_of(n, pair) for n in model.order}
+        qcdq, _, _ = qcdq_files(collapse(model.checkpoint(layer_bits, kept)),
+                                ExportOptions(latency=False))
+        clips += sum(n.op_type == "Clip" for n in qcdq.graph.node)
+        for name, piece in layer_pieces(qcdq, {n: _tag(b) for n, b in
+                                               layer_bits.items()}).items():
+            sigs[name].add(signature(piece))
+    assert clips > 0
+    inner = [n for n in model.order if not model.layers[n].edge]
+    assert inner and all(len(sigs[n]) == 1 for n in inner), {n: len(sigs[n]) for n in inner}

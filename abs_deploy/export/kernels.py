@@ -45,8 +45,8 @@ class Kernels:
         return asdict(self)
 
 
-def onnxruntime_kernels(model: onnx.ModelProto) -> Kernels:
-    """ORT's CPU graph after all optimizations (`optimized_model_filepath`)."""
+def onnxruntime_optimized(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ORT's CPU graph after all optimizations (`optimized_model_filepath`): what it runs."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "optimized.onnx"
         so = ort.SessionOptions()
@@ -54,8 +54,12 @@ def onnxruntime_kernels(model: onnx.ModelProto) -> Kernels:
         so.optimized_model_filepath = str(path)
         so.log_severity_level = 3
         ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(path)
-    g = optimized.graph
+        return onnx.load(path)
+
+
+def onnxruntime_kernels(model: onnx.ModelProto) -> Kernels:
+    """What ORT's CPU graph runs after all optimizations, counted."""
+    g = onnxruntime_optimized(model).graph
     types = collections.Counter(n.op_type for n in g.node)
     weights = {i.name for i in g.initializer if i.data_type in _WEIGHT_TYPES and len(i.dims) > 1}
     dequantized = sum(n.op_type == "DequantizeLinear" and n.input[0] in weights for n in g.node)

@@ -6,8 +6,8 @@ weights; latency does not depend on their values) at chosen bits and kept channe
 through collapse, prune, the ONNX translation and simplify as `abs-export` runs them, and each
 layer's *piece* is cut from that whole file:
 
-- from the float tensor its activation quantizer reads (Q, Clip, DQ), its weight and bias
-  DequantizeLinears and the Conv/Gemm itself,
+- from the float tensor its activation quantizer reads (Q, DQ: its own quantizer or the
+  residual stream's it reads), its weight and bias DequantizeLinears and the Conv/Gemm itself,
 - to the first node of each reader of its output: a QuantizeLinear (the next layer's or a
   residual stream's), through any float activation in between, so that ONNX Runtime fuses the
   layer into QLinearConv exactly when the whole file lets it (a Q that is the conv's only
@@ -26,8 +26,8 @@ groups are 2-coloured along such layers and the exports then run over grid point
 Pieces are identified by their structure (op types, attributes, tensor shapes and types,
 names and values left out), so identical layers (ResNet-20 has many) are measured once, and
 bit widths that give the same graph share a measurement: on ONNX Runtime's CPU kernels 2-, 4-
-and 8-bit weights are all int8 tensors, and only an 8-bit activation (no Clip) or a signed one
-changes the graph.
+and 8-bit weights are all int8 tensors, and an activation's Clip (below 8 bits) is left out of
+the piece (`_without_input_clip`), so only a signed activation changes the graph.
 
 The pieces new in one export are timed together, taking turns run by run
 (`latency.measure`), beside three fixed anchor pieces whose first time sets the scale of every
@@ -341,6 +341,7 @@ def layer_pieces(model: onnx.ModelProto, tags: dict[str, str]) -> dict[str, onnx
         for i in n.input:
             readers.setdefault(i, []).append(n)
     by_name = {n.name: n for n in model.graph.node}
+    producer = {o: n for n in model.graph.node for o in n.output}
     graph_outputs = {o.name for o in model.graph.output}
     extractor = Extractor(model)
     pieces = {}
@@ -348,13 +349,51 @@ def layer_pieces(model: onnx.ModelProto, tags: dict[str, str]) -> dict[str, onnx
         node = by_name.get(f"{name}.{tag}")
         if node is None:
             raise UserError(f"the export has no node {name}.{tag}")
-        source = node.input[0]
-        quantize = by_name.get(f"{name}.{tag}.act_q")
-        if quantize is not None:
-            source = quantize.input[0]
+        source = _piece_start(node.input[0], producer)
         ends = _piece_ends(node.output[0], readers, graph_outputs)
-        pieces[name] = extractor.extract_model([source], ends)
+        pieces[name] = _without_input_clip(extractor.extract_model([source], ends))
     return pieces
+
+
+def _without_input_clip(piece: onnx.ModelProto) -> onnx.ModelProto:
+    """The piece without the integer Clip of its input quantizer (an activation below 8 bits).
+    In the whole file that Clip is fused into the producer's kernel (ORT: Q -> Clip -> DQ
+    becomes the QLinearConv's own requantization), so it costs the layer nothing; timed in
+    the piece it made every bit width its own measurement, and the search then read noise
+    between them as latency (measured: 8/8 0.317 ms, 8/4 0.313 ms on one ResNet-20 layer,
+    and a latency-only search chose 2-bit activations there, 1.4 points of top-1)."""
+    g = piece.graph
+    inputs = {i.name for i in g.input}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    for q in [n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] in inputs]:
+        users = readers.get(q.output[0], [])
+        if len(users) != 1 or users[0].op_type != "Clip":
+            continue
+        clip = users[0]
+        for n in readers.get(clip.output[0], []):
+            n.input[:] = [q.output[0] if i == clip.output[0] else i for i in n.input]
+        g.node.remove(clip)
+    used = {i for n in g.node for i in n.input}
+    for init in [i for i in g.initializer if i.name not in used]:
+        g.initializer.remove(init)
+    return piece
+
+
+def _piece_start(tensor: str, producer: dict[str, onnx.NodeProto]) -> str:
+    """The float tensor a layer's input is quantized from: back through DequantizeLinear and
+    an integer Clip to the QuantizeLinear, whether the layer's own or a residual stream's that
+    several layers read. Cut after a stream's DQ, the piece would feed the conv a float
+    input, and ORT would run it as a float conv on dequantized weights, unlike the file."""
+    start, t = tensor, tensor
+    while (node := producer.get(t)) is not None and node.op_type in ("DequantizeLinear", "Clip"):
+        t = node.input[0]
+    node = producer.get(t)
+    if node is not None and node.op_type == "QuantizeLinear" and t != tensor:
+        return node.input[0]
+    return start
 
 
 def _piece_ends(tensor: str, readers: dict[str, list[onnx.NodeProto]],
@@ -411,7 +450,7 @@ def _header(model: _Model, opts: ProfileOptions) -> dict:
             "setting": {"batch": opts.batch, "threads": opts.threads,
                         "clock": clock_for(opts)},
             "candidates": list(opts.candidates), "edge_bits": opts.edge_bits,
-            "streams": opts.streams}
+            "streams": opts.streams, "pieces": latency_table.PIECES}
 
 
 # What must match for a file's measurements to be reused (the grid and the method may differ:
