@@ -159,6 +159,34 @@ def test_openvino_computes_residual_stream_adds_exactly(datasets, tmp_path):
 
 
 @needs_openvino
+def test_block_inputs_clip_in_float_and_openvino_runs_no_standalone_eltwise(datasets,
+                                                                             tmp_path):
+    """A block input has a float reader (the residual add) and a quantized one (the next
+    conv): its quantizer reads the ReLU's output and clips in float in front of its
+    QuantizeLinear (qdq.clip_in_float), so OpenVINO fuses the ReLU into the conv and the Clip
+    into the FakeQuantize (before: 7 ReLU and 7 integer Clamp nodes of their own), with the
+    same codes in both runtimes and ORT's fusions unchanged."""
+    ckpt = random_checkpoint("resnet20", datasets("digits32"), fixed=(4, 4), prune_fraction=0.5,
+                             edge_bits=8, single_channel=False)
+    path = save_checkpoint(ckpt, tmp_path / "model.pt")
+    result = export_model(path, ExportOptions(output=tmp_path / "m.onnx", latency=False,
+                                              max_images=64, check_runtimes=("openvino",)))
+    parity = result.report["parity"]
+    assert parity["openvino"]["passed"] and parity["ort_optimized"]["passed"]
+    model = onnx.load(result.files["onnx"])
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    float_clips = [n for n in model.graph.node if n.op_type == "Clip"
+                   and made_by[n.input[0]].op_type == "Relu"]
+    assert len(float_clips) == 7
+    assert all(made_by[c.output[0]] is c and any(q.op_type == "QuantizeLinear" and
+               q.input[0] == c.output[0] for q in model.graph.node) for c in float_clips)
+    ov = result.report["kernels"]["openvino"]["node_types"]
+    assert not any(kind.startswith("Eltwise") for kind in ov), ov
+    ort_kernels = result.report["kernels"]["onnxruntime"]
+    assert ort_kernels["integer_layers"] == 10 and ort_kernels["node_types"].get("Relu") is None
+
+
+@needs_openvino
 def test_openvino_session_profiles_the_nodes_it_ran(ort_export):
     from abs_deploy.export.openvino_runtime import OVSession
 
