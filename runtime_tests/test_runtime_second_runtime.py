@@ -138,7 +138,7 @@ def test_openvino_computes_residual_stream_adds_exactly(datasets, tmp_path):
     """ResNet-20 with residual-stream quantizers (streams.py): each conv meeting a residual
     add writes Q/DQ on its output, then the add, then the stream's Q/DQ. OpenVINO's CPU plugin
     fuses that chain into one int8 conv and drops the rounding of the first quantizer
-    (top-1 agreement 70%); OVSession keeps the add's operands as outputs (see
+    (top-1 agreement 70%); OVSession keeps the conv-made operands' codes as outputs (see
     openvino_runtime.residual_add_operands), and every layer still runs on integer kernels."""
     ckpt = random_checkpoint("resnet20", datasets("digits32"), fixed=(4, 4), prune_fraction=0.5,
                              edge_bits=8, single_channel=False, with_streams=True)
@@ -149,13 +149,43 @@ def test_openvino_computes_residual_stream_adds_exactly(datasets, tmp_path):
     assert ov["passed"] and ov["top1_agreement"] >= 0.995
     assert ov["codes_max_diff"] <= 1
     model = onnx.load(result.files["onnx"])
-    assert len(openvino_runtime.residual_add_operands(model)) == 2 * 9
+    # the conv2 of each of the 9 blocks, the 2 shortcut convs and the stem conv, whose own
+    # 8-bit stream the first block's add reads
+    assert len(openvino_runtime.residual_add_operands(model)) == 9 + 2 + 1
     kernels = result.report["kernels"]
     assert (kernels["openvino"]["integer_layers"], kernels["openvino"]["float_layers"]) == (22, 0)
     assert (kernels["onnxruntime"]["integer_layers"], kernels["onnxruntime"]["integer_adds"],
             kernels["onnxruntime"]["weights_dequantized"]) == (22, 9, 0)
     # Whoever deploys the file on OpenVINO is told to do the same.
     assert any("residual_add_operands" in n for n in result.report["notes"])
+
+
+@needs_openvino
+def test_block_inputs_clip_in_float_and_openvino_runs_no_standalone_eltwise(datasets,
+                                                                             tmp_path):
+    """A block input has a float reader (the residual add) and a quantized one (the next
+    conv): its quantizer reads the ReLU's output and clips in float in front of its
+    QuantizeLinear (qdq.clip_in_float), so OpenVINO fuses the ReLU into the conv and the Clip
+    into the FakeQuantize (before: 7 ReLU and 7 integer Clamp nodes of their own), with the
+    same codes in both runtimes and ORT's fusions unchanged."""
+    ckpt = random_checkpoint("resnet20", datasets("digits32"), fixed=(4, 4), prune_fraction=0.5,
+                             edge_bits=8, single_channel=False)
+    path = save_checkpoint(ckpt, tmp_path / "model.pt")
+    result = export_model(path, ExportOptions(output=tmp_path / "m.onnx", latency=False,
+                                              max_images=64, check_runtimes=("openvino",)))
+    parity = result.report["parity"]
+    assert parity["openvino"]["passed"] and parity["ort_optimized"]["passed"]
+    model = onnx.load(result.files["onnx"])
+    made_by = {o: n for n in model.graph.node for o in n.output}
+    float_clips = [n for n in model.graph.node if n.op_type == "Clip"
+                   and made_by[n.input[0]].op_type == "Relu"]
+    assert len(float_clips) == 7
+    assert all(made_by[c.output[0]] is c and any(q.op_type == "QuantizeLinear" and
+               q.input[0] == c.output[0] for q in model.graph.node) for c in float_clips)
+    ov = result.report["kernels"]["openvino"]["node_types"]
+    assert not any(kind.startswith("Eltwise") for kind in ov), ov
+    ort_kernels = result.report["kernels"]["onnxruntime"]
+    assert ort_kernels["integer_layers"] == 10 and ort_kernels["node_types"].get("Relu") is None
 
 
 @needs_openvino
@@ -172,7 +202,7 @@ def test_openvino_session_profiles_the_nodes_it_ran(ort_export):
 def test_openvino_computes_shared_code_streams_exactly(datasets, tmp_path):
     """Shared codes (streams.py): a block's input is quantized once, by its conv's 4-bit
     quantizer, and the residual add reads those codes. The conv -> 8-bit Q/DQ -> Add chain on
-    the other operand is still there, so OpenVINO still needs the add's operands as outputs
+    the other operand is still there, so OpenVINO still needs their codes as outputs
     (without them: top-1 agreement 69% measured)."""
     ckpt = random_checkpoint("resnet20", datasets("digits32"), fixed=(4, 4), prune_fraction=0.5,
                              edge_bits=8, single_channel=False, with_streams=True,
@@ -183,6 +213,7 @@ def test_openvino_computes_shared_code_streams_exactly(datasets, tmp_path):
     ov = result.report["parity"]["openvino"]
     assert ov["passed"] and ov["top1_agreement"] >= 0.995 and ov["codes_max_diff"] <= 1
     model = onnx.load(result.files["onnx"])
-    assert len(openvino_runtime.residual_add_operands(model)) == 2 * 9
+    # as with 8-bit streams: 9 conv2s, 2 shortcut convs, the stem conv
+    assert len(openvino_runtime.residual_add_operands(model)) == 9 + 2 + 1
     kernels = result.report["kernels"]
     assert (kernels["openvino"]["integer_layers"], kernels["openvino"]["float_layers"]) == (22, 0)

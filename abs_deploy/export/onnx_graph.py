@@ -60,6 +60,7 @@ def build_onnx(ep: torch.export.ExportedProgram, input_shape: list[int], *, opse
         raise UserError(f"--weights int4 needs opset 21 or later, got {opset}")
     t = _Translator(ep, dict(integer or {}), weights, opset)
     t.run()
+    t.shared_inputs()
     out_val = t.output_node.meta["val"]
     g = helper.make_graph(
         t.b.nodes, name,
@@ -85,16 +86,23 @@ def _remove_dead(m: onnx.ModelProto) -> None:
     """Drop nodes whose outputs nobody reads (a float ReLU6 whose only reader was a quantizer
     that absorbed it) and initializers no node reads."""
     g = m.graph
-    while True:
-        used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-        dead = [n for n in g.node if not any(o in used for o in n.output)]
-        if not dead:
-            break
-        for n in dead:
-            g.node.remove(n)
+    live = _live(list(g.node), {o.name for o in g.output})
+    for n in [n for n in g.node if n not in live]:
+        g.node.remove(n)
     used = {i for n in g.node for i in n.input}
     for init in [i for i in g.initializer if i.name not in used]:
         g.initializer.remove(init)
+
+
+def _live(nodes: list[onnx.NodeProto], outputs: set[str] = frozenset({OUTPUT})
+          ) -> list[onnx.NodeProto]:
+    """The nodes some graph output depends on."""
+    while True:
+        used = {i for n in nodes for i in n.input} | outputs
+        live = [n for n in nodes if any(o in used for o in n.output)]
+        if len(live) == len(nodes):
+            return live
+        nodes = live
 
 
 # --- the translator ------------------------------------------------------------------------
@@ -132,6 +140,7 @@ class _Translator:
         self.values = {**ep.state_dict, **ep.constants}
         self.env: dict[Node, object] = {}
         self.quant: dict[str, qdq.ActQuant] = {}
+        self.clamped: dict[str, str] = {}  # QuantizeLinear -> output of the clamp it folded
         self.output_node: Node | None = None
 
     # -- driver ---------------------------------------------------------------------------
@@ -266,8 +275,7 @@ class _Translator:
         if lq.a_quantized:
             aq = self._same_stream_quant(x, m)
             if aq is None:
-                src, c_min, c_max = self._quant_source(x)
-                aq = qdq.activation(self.b, self._t(src), lq, m.a_scale, (c_min, c_max))
+                aq = self._quantize(x, m)
             self.quant[layer] = aq
             x_name = aq.output
         else:
@@ -281,6 +289,38 @@ class _Translator:
         else:
             b_name = self.b.initializer(f"{layer}.bias", m.bias.detach().numpy())
         return [x_name, w_name, b_name], qdq.node_name(lq)
+
+    def _quantize(self, x: Node, m: nn.Module) -> qdq.ActQuant:
+        """The Q/[Clip]/DQ of integer layer `m` reading `x`, a float clamp in front folded
+        into it (the clamp's output is remembered for `shared_inputs`)."""
+        src, c_min, c_max = self._quant_source(x)
+        aq = qdq.activation(self.b, self._t(src), m.lq, m.a_scale, (c_min, c_max))
+        if src is not x:
+            self.clamped[aq.quantize] = self._t(_through_identities(x))
+        return aq
+
+    def shared_inputs(self) -> None:
+        """Every quantizer whose tensor has a float reader too reads the clamp it folded when
+        that clamp is emitted anyway, and clips in float in front of its QuantizeLinear
+        (qdq.py; the same codes either way). Run after the whole graph is written: only then
+        are a tensor's readers known."""
+        readers: dict[str, list[onnx.NodeProto]] = {}
+        for n in _live(self.b.nodes):
+            for i in n.input:
+                readers.setdefault(i, []).append(n)
+        node = {n.name: n for n in self.b.nodes}
+        done: dict[qdq.ActQuant, qdq.ActQuant] = {}
+        for layer, aq in self.quant.items():
+            if aq not in done:
+                q = node[aq.quantize]
+                clamp = self.clamped.get(aq.quantize)
+                if clamp is not None and readers.get(clamp):
+                    readers[q.input[0]].remove(q)
+                    q.input[0] = clamp
+                    readers[clamp].append(q)
+                float_reader = any(r.op_type != "QuantizeLinear" for r in readers[q.input[0]])
+                done[aq] = qdq.clip_in_float(self.b, aq) if float_reader else aq
+            self.quant[layer] = done[aq]
 
     def _quant_source(self, x: Node) -> tuple[Node, float | None, float | None]:
         """The tensor a quantizer should read and the float clamp it absorbs (see qdq.py)."""
@@ -314,8 +354,7 @@ class _Translator:
         m = self.integer.get(name)
         if m is None:
             return self._t(node.args[0])
-        src, c_min, c_max = self._quant_source(node.args[0])
-        aq = qdq.activation(self.b, self._t(src), m.lq, m.a_scale, (c_min, c_max))
+        aq = self._quantize(node.args[0], m)
         self.quant[name] = aq
         return aq.output
 

@@ -593,8 +593,9 @@ def _notes(rows: list[dict], streams: bool) -> list[str]:
         notes.append("float clamps folded into a narrower integer Clip: " + ", ".join(narrowed))
     if streams:
         # Nothing in the file can say it; whoever deploys it on OpenVINO must know.
-        notes.append("OpenVINO CPU: compile this file with its residual adds' operands as extra "
-                     "outputs (model.add_outputs(abs_deploy.export.openvino_runtime."
+        notes.append("OpenVINO CPU: compile this file with the codes of its residual adds' "
+                     "conv-made operands as extra outputs (model.add_outputs("
+                     "abs_deploy.export.openvino_runtime."
                      "residual_add_operands(onnx_model)) before compile_model), as the OpenVINO "
                      "check here does; otherwise the plugin merges conv + add and skips the "
                      "rounding of the quantizer between them (top-1 agreement 70% measured on "

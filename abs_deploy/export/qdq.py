@@ -14,6 +14,14 @@ instead of being emitted between the producer and its QuantizeLinear, where it w
 fusion: rounding is monotone, so `round(clamp(x, a, b) / s) = clamp(round(x / s), round(a / s),
 round(b / s))` exactly.
 
+A quantizer whose tensor has a float reader too (a ResNet block's input: the next conv reads
+it quantized, the residual add in float) reads the clamp's output when the clamp is emitted
+for that reader anyway, and clamps in float in front of its QuantizeLinear (`clip_in_float`):
+the same identity read the other way, so the same codes. Neither runtime can fuse such a
+quantizer into its producer (the float reader needs the tensor), and OpenVINO's CPU plugin
+then fuses the ReLU into the producing conv and the float Clip into the FakeQuantize instead
+of running both as separate nodes (benchmarks/results/openvino_profile.md).
+
 Names: nodes are `<layer>.<tag>.<role>` (`layer1.0.conv1.w4a4.act_q`); the layer's own node is
 `<layer>.<tag>`, so a reader of the file sees each layer's bits. Validation does not rebuild
 these names: `activation` returns what it wrote (`ActQuant`), and the ONNX builder hands that
@@ -22,6 +30,7 @@ map on to validation and the report.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -52,11 +61,15 @@ class ActQuant:
     zero: int  # the zero point: the file's codes (uint8) are the reference's plus this
     bounds: tuple[int, int]  # the range enforced, in the reference's codes
     folded: str | None  # the float clamp folded into it, e.g. "clamp(0, 6)"
+    clip_first: bool = False  # the Clip is a float one in front of the QuantizeLinear
 
     @property
     def nodes(self) -> tuple[str, ...]:
-        """QuantizeLinear[, Clip], in graph order: what a copy of the quantizer repeats."""
-        return (self.quantize,) if self.clip is None else (self.quantize, self.clip)
+        """[Clip,] QuantizeLinear[, Clip], in graph order: what a copy of the quantizer
+        repeats."""
+        if self.clip is None:
+            return (self.quantize,)
+        return (self.clip, self.quantize) if self.clip_first else (self.quantize, self.clip)
 
 
 def node_name(lq: LayerQuant | StreamSpec, role: str | None = None) -> str:
@@ -99,6 +112,26 @@ def activation(b: GraphBuilder, x: str, lq: LayerQuant | StreamSpec, a_scale: to
         clip = codes = b.node("Clip", [codes, lo_t, hi_t], node_name(lq, "act_clip"))
     out = b.node("DequantizeLinear", [codes, scale, zero], node_name(lq, "act_dq"))
     return ActQuant(quantize, clip, out, codes, float(s), zp, (lo, hi), folded)
+
+
+def clip_in_float(b: GraphBuilder, aq: ActQuant) -> ActQuant:
+    """`aq` with its integer Clip replaced by a float Clip to the same codes' values in front
+    of its QuantizeLinear (see the module docstring), in `b`'s nodes. Exact:
+    `round((c * s) / s) = c` for every code c of the range, as in `fold_clamp`."""
+    if aq.clip is None or aq.clip_first:
+        return aq
+    node = {n.name: n for n in b.nodes}
+    q, clip = node[aq.quantize], node[aq.clip]
+    s = np.float32(aq.scale)
+    lo = b.initializer(f"{aq.clip}.min", np.array(np.float32(aq.bounds[0]) * s, np.float32))
+    hi = b.initializer(f"{aq.clip}.max", np.array(np.float32(aq.bounds[1]) * s, np.float32))
+    for n in b.nodes:  # the DequantizeLinear now reads the codes straight from the Quantize
+        n.input[:] = [q.output[0] if i == clip.output[0] else i for i in n.input]
+    clip.input[:] = [q.input[0], lo, hi]
+    q.input[0] = clip.output[0]
+    b.nodes.remove(clip)
+    b.nodes.insert(b.nodes.index(q), clip)
+    return dataclasses.replace(aq, codes=q.output[0], clip_first=True)
 
 
 def fold_clamp(lo: int, hi: int, a_scale: torch.Tensor, c_min: float | None,
