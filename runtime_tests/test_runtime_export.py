@@ -82,13 +82,30 @@ def test_every_quantized_layer_has_its_bits_in_names_and_clip_bounds(exported):
 
 
 def test_no_float_clip_sits_between_a_layer_and_its_quantizer(exported):
+    """Where the quantizer is all that reads a layer's output, a float Clip or Relu between
+    them would block ORT's fusion into QLinearConv (DESIGN §10). A tensor that a float node
+    reads too (a ResNet block's input, read by the residual add) cannot fuse either way; its
+    quantizer reads the Relu the add reads and clips in float first (qdq.clip_in_float)."""
     _, result, _ = exported
     model = onnx.load(result.files["onnx"])
     producer = {o: n for n in model.graph.node for o in n.output}
-    for node in model.graph.node:
-        if node.op_type == "QuantizeLinear":
-            src = producer.get(node.input[0])
-            assert src is None or src.op_type not in ("Clip", "Relu")
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    checked = 0
+    for q in [n for n in model.graph.node if n.op_type == "QuantizeLinear"]:
+        first, tensor = q, q.input[0]
+        if tensor in producer and producer[tensor].op_type == "Clip":
+            first, tensor = producer[tensor], producer[tensor].input[0]
+        clamped = first is not q or (tensor in producer and
+                                     producer[tensor].op_type in ("Clip", "Relu"))
+        if clamped:
+            others = [r for r in readers[tensor] if r is not first]
+            assert any(r.op_type != "QuantizeLinear" for r in others), \
+                f"{q.name}: a float clamp between a layer and a quantizer that alone reads it"
+            checked += 1
+    assert checked > 0     # the model has block inputs; the rule's exception was exercised
 
 
 def test_weights_are_integers_inside_their_range(exported):
