@@ -10,12 +10,14 @@ between (1 - max_prune) * C and C), are exported with `abs-export`'s own pipelin
 (`abs profile` on one thread times runs by the process's CPU time, so other work on the
 machine does not count); the wall clock errors are reported beside them.
 
-    python benchmarks/lut_check.py [--decisions 5] [--fresh] [--runtime openvino]
+    python benchmarks/lut_check.py [--decisions 5] [--fresh] [--runtime openvino] [--streams]
 
 Resumable: each finished measurement is kept in benchmarks/results/lut_check.json, which a
 new run of the same table continues (`--fresh` starts over). Writes
 benchmarks/results/lut_check.{json,md} (`--runtime openvino`: lut_check_openvino.*, the table
-lut_resnet20_openvino.json).
+lut_resnet20_openvino.json; `--streams`, the form `abs finetune --streams` trains and the
+latency search benchmark profiles: lut_check_streams.*, lut_resnet20_ort_streams.json, the
+decisions with shared-code residual-stream quantizers).
 """
 
 from __future__ import annotations
@@ -56,16 +58,20 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="ignore earlier partial results")
     ap.add_argument("--results", type=Path, default=RESULTS)
     ap.add_argument("--runtime", choices=("ort", "openvino"), default="ort")
+    ap.add_argument("--streams", action="store_true",
+                    help="table and decisions with residual-stream quantizers (shared codes)")
     args = ap.parse_args()
-    lut = RESULTS / f"lut_resnet20_{args.runtime}.json"
-    stem = "lut_check" + ("" if args.runtime == "ort" else f"_{args.runtime}")
+    form = "_streams" if args.streams else ""
+    lut = RESULTS / f"lut_resnet20_{args.runtime}{form}.json"
+    stem = "lut_check" + ("" if args.runtime == "ort" else f"_{args.runtime}") + form
     prov = provenance(threads=1)
     out_json = args.results / f"{stem}.json"
     state = _resume(out_json, args.fresh)
     state.setdefault("provenance", prov)
+    state["streams"] = args.streams
 
     if "profile" not in state:
-        state["profile"] = build_table(lut, args.runtime)
+        state["profile"] = build_table(lut, args.runtime, args.streams)
         _stamp(lut, state["provenance"], state["profile"])
         _save(out_json, state)
     from abs_deploy.latency_table import LatencyTable
@@ -80,7 +86,7 @@ def main() -> None:
 
     todo = [k for k in range(args.decisions) if str(k) not in state.setdefault("checks", {})]
     if todo:
-        measured = check_decisions(todo, table, fitted)
+        measured = check_decisions(todo, table, fitted, args.streams)
         state["checks"].update(measured)
         _save(out_json, state)
     rows = [state["checks"][str(k)] for k in range(args.decisions)]
@@ -94,14 +100,14 @@ def main() -> None:
     print(markdown(state, rows))
 
 
-def build_table(lut: Path, runtime: str) -> dict:
+def build_table(lut: Path, runtime: str, streams: bool) -> dict:
     """`abs profile` as a user runs it (fresh process, Python start-up included)."""
     exe = Path(sys.executable).with_name("abs")
     cmd = [str(exe), "profile", "resnet20", "--runtime", runtime, "--num-classes", "10",
            "--input-shape", "3,32,32",
            "--batch", str(BATCH), "--threads", str(THREADS), "--candidates",
            ",".join(map(str, CANDIDATES)), "--edge-bits", str(EDGE), "--max-prune",
-           str(MAX_PRUNE), "-o", str(lut)]
+           str(MAX_PRUNE), *(("--streams",) if streams else ()), "-o", str(lut)]
     reused = lut.exists()
     load = [round(v, 2) for v in os.getloadavg()]
     t0 = time.perf_counter()
@@ -113,7 +119,8 @@ def build_table(lut: Path, runtime: str) -> dict:
             "load_avg_start": load}
 
 
-def check_decisions(todo: list[int], table, fitted: list[dict]) -> dict[str, dict]:
+def check_decisions(todo: list[int], table, fitted: list[dict],
+                    streams: bool) -> dict[str, dict]:
     sys.path.insert(0, str(ROOT / "runtime_tests"))
     import onnx
     from rt_checkpoints import dataset_for
@@ -126,7 +133,7 @@ def check_decisions(todo: list[int], table, fitted: list[dict]) -> dict[str, dic
     models, choices = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for k in todo:
-            ckpt, choice = random_decision(data, seed=100 + k)
+            ckpt, choice = random_decision(data, seed=100 + k, streams=streams)
             table.check_for(ckpt["arch"], ckpt["input"]["shape"])
             assert choice not in fitted, "a checked decision must not be a fitted one"
             path = Path(tmp) / f"d{k}.pt"
@@ -156,7 +163,8 @@ def check_decisions(todo: list[int], table, fitted: list[dict]) -> dict[str, dic
     return out
 
 
-def random_decision(data, seed: int) -> tuple[dict, dict[str, list[int]]]:
+def random_decision(data, seed: int, streams: bool = False
+                    ) -> tuple[dict, dict[str, list[int]]]:
     """A checkpoint with random bits and random kept counts per prunable group, and its
     choice for `predict_ms` (layer -> [w, a, out_kept, in_kept])."""
     import torch
@@ -166,7 +174,7 @@ def random_decision(data, seed: int) -> tuple[dict, dict[str, list[int]]]:
     from abs_deploy.models.registry import build_model
 
     ckpt = random_checkpoint("resnet20", data, seed=seed, bits=CANDIDATES, edge_bits=EDGE,
-                             prune=False)
+                             prune=False, with_streams=streams, shared_codes=streams)
     rng = random.Random(seed)
     model = build_model(ckpt["arch"])
     groups = graph.channel_groups(model, torch.zeros(ckpt["input"]["shape"]))
@@ -229,7 +237,9 @@ def _save(path: Path, state: dict) -> None:
 def markdown(state: dict, rows: list[dict]) -> str:
     t, p = state["table"], state["profile"]
     fit = t["overhead"]
-    lines = [f"# Latency table against the exported files (ResNet-20, digits32, {t['runtime']})",
+    form = ", residual-stream quantizers with shared codes" if state.get("streams") else ""
+    lines = [f"# Latency table against the exported files (ResNet-20, digits32, {t['runtime']}"
+             f"{form})",
              "",
              f"Table: `{p['command']}`: {p['wall_s']:.0f} s wall in a fresh process"
              + (" (the file existed: reused and extended, not measured again)"
