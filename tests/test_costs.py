@@ -234,3 +234,51 @@ def test_search_target_errors_are_one_line(fp_digits_path, tmp_path, args, words
     out = tmp_path / "s.pt"
     _one_line(_run("search", fp_digits_path, *args, "--epochs", "1", "-o", out), words)
     assert not out.exists()
+
+
+class _OneLayer:
+    """A table of one conv whose time is not monotone in its kept outputs (measured on
+    ResNet-20's layer1 conv in ORT: 16 outputs faster than 12)."""
+
+    candidates = (8,)
+
+    def __init__(self, column: list[float]) -> None:
+        self.column = column
+
+    def layers(self):
+        return ["c"]
+
+    def grid(self, name):
+        return [4, 8, 12, 16], [16]
+
+    def channels(self, name):
+        return 16, 16
+
+    def values(self, name, w, a):
+        return [[v] for v in self.column]
+
+    def overhead(self):
+        return 0.0, {"c": 0.0}
+
+
+@pytest.mark.parametrize("column", [[1.783, 1.619, 2.211, 1.407], [0.245, 0.44, 0.526, 0.53]])
+@pytest.mark.parametrize("kept", [16.0, 12.0, 10.0])
+def test_latency_is_the_tables_value_with_the_trends_gradient(kept, column):
+    """Forward: the table (bilinear between grid points). Backward: the least-squares slope
+    per kept channel, never negative (the first column: its local slope at the top end is
+    -0.2 ms a channel, which told the search that pruning costs time; its trend is 0)."""
+    from abs_deploy.search.costs import table_value, trend_slopes
+
+    cost = LatencyCost(_OneLayer(column), ["c"], {"c": (8,)})
+    out = torch.tensor(kept, requires_grad=True)
+    one = torch.ones(1)
+    value = cost({"c": (out, torch.tensor(16.0))}, {"c": (one, one)}, {"c": (8,)})
+    value.backward()
+    table = [[v] for v in column]
+    assert value.item() == pytest.approx(
+        table_value(table, [4, 8, 12, 16], [16], torch.tensor(kept), torch.tensor(16.0)).item())
+    slope, _ = trend_slopes(table, [4, 8, 12, 16], [16])
+    assert out.grad.item() == pytest.approx(slope)
+    assert trend_slopes([[v] for v in [1.0, 2.0, 3.0, 4.0]], [4, 8, 12, 16], [16]) == \
+        pytest.approx((0.25, 0.0))
+    assert trend_slopes([[v] for v in [4.0, 3.0, 2.0, 1.0]], [4, 8, 12, 16], [16]) == (0.0, 0.0)
