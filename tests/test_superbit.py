@@ -174,3 +174,23 @@ def test_unscaled_clip_path_is_the_raw_lsq_gradient():
         grads.append(cs.grad)
     top = 2 ** 7 - 1
     assert torch.allclose(grads[0] * (x.numel() * top) ** 0.5, grads[1], rtol=1e-4)
+
+
+def _tracked(x: torch.Tensor) -> torch.Tensor:
+    torch.manual_seed(0)
+    conv = SuperBitConv2d.from_float(nn.Conv2d(x.shape[1], 4, 3))
+    conv.train()
+    conv(x)
+    return conv.a_m.clone()
+
+
+def test_activation_residuals_ignore_pruned_input_channels():
+    """A pruned channel in front is exactly zero; the gate statistic `a_m` is the same with 12
+    of 16 input channels zeroed as for the 4 live ones alone (counted, it fell to a quarter and
+    closed the layer's bit gates because its producer was pruned)."""
+    x = torch.randn(8, 4, 6, 6).relu() * 3
+    padded = torch.zeros(8, 16, 6, 6)
+    padded[:, ::4] = x
+    live_only, with_zeros = _tracked(x), _tracked(padded)
+    assert torch.allclose(live_only, with_zeros, rtol=1e-5)
+    assert (live_only > 0).all()
