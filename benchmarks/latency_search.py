@@ -252,10 +252,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pretrain-epochs", type=int, default=15)
     ap.add_argument("--search-epochs", type=int, default=6)
-    # None: abs finetune's own defaults (which clip the gradient's norm since the latency
-    # decision diverged at its rate without a clip).
+    # Chosen on validation, on the latency-targeted decision (all 8-bit, 60-70% of the inner
+    # channels pruned; its starting top-1 with the stream quantizers is 88%): 10 epochs at
+    # 3e-4 reached 97.9% validation top-1, at finetune's default 1e-3 97.5%. (Before the
+    # gradient clip, 1e-3 diverged on such a decision.) Every run gets the same schedule.
     ap.add_argument("--ft-epochs", type=int, default=None)
-    ap.add_argument("--ft-lr", type=float, default=None)
+    ap.add_argument("--ft-lr", type=float, default=3e-4)
     ap.add_argument("--bops-fractions", type=lambda t: [float(x) for x in t.split(",")],
                     default=[1.0, 0.5, 0.25],
                     help="BOPs targets as fractions of the latency-targeted decision's BOPs")
