@@ -58,7 +58,10 @@ def run(cmd: list[str], out: Path, inputs: tuple[Path, ...] = (), resumes: bool 
     made = out.with_suffix(out.suffix + ".made")
     key = {"command": [_portable(a) for a in cmd],
            "inputs": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in inputs}}
-    if out.exists() and not resumes and made.exists() and json.loads(made.read_text()) == key:
+    # A finished table is not handed to abs profile again: it would rewrite the file (same
+    # measurements, new date) and so redo every stage that reads it.
+    done = out.exists() and (not resumes or json.loads(out.read_text()).get("complete"))
+    if done and made.exists() and json.loads(made.read_text()) == key:
         print(f"cached   {out.name}", flush=True)
         return
     print(f"running  {' '.join(cmd)}", flush=True)
