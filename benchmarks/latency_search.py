@@ -12,7 +12,7 @@ it touches.
 1. `abs pretrain` the float model; `abs profile` its latency table (layers as export emits them
    with residual-stream quantizers: every model is fine-tuned `--streams`, the form in which ORT
    runs every conv and add on integer kernels).
-2. `abs search --target-latency 0.5x --lut`.
+2. `abs search --target-latency 0.5x --lut` (issue #16 (b)), and at 0.45x and 0.4x (for (c)).
 3. `abs search --target-bops B` for B at fractions of the BOPs the latency-targeted decision
    reached (1, 1/2, 1/4): issue #16 (c) compares at equal top-1, and at equal BOPs the BOPs
    search keeps more accuracy than the latency one.
@@ -103,6 +103,9 @@ def plans(args: argparse.Namespace, fp: Path, lut: Path) -> dict[str, tuple[Path
     lat = WORK / "latency.pt"
     out = {"latency": (lat, ("--target-latency", args.latency, "--lut", str(lut)))}
     run(search_cmd(args, fp, out["latency"][1], lat), lat, inputs=(fp, lut))
+    for text in args.more_latency:
+        out[f"latency_{text}"] = (WORK / f"latency_{text}.pt",
+                                  ("--target-latency", text, "--lut", str(lut)))
     lat_bops = load(lat)["metrics"]["bops"]
     for f in args.bops_fractions:
         name = "bops" if f == 1 else f"bops_{f:g}"
@@ -127,8 +130,8 @@ def stages(args: argparse.Namespace) -> dict:
             *(("--epochs", str(args.ft_epochs)) if args.ft_epochs else ()),
             *(("--lr", str(args.ft_lr)) if args.ft_lr else ())]
     searches = plans(args, fp, lut)
-    for name, (ckpt, how) in searches.items():    # every search first: the long stages
-        run(search_cmd(args, fp, how, ckpt), ckpt, inputs=(fp, lut) if name == "latency"
+    for ckpt, how in searches.values():    # every search first: the long stages
+        run(search_cmd(args, fp, how, ckpt), ckpt, inputs=(fp, lut) if "--lut" in how
             else (fp,))
     out = {}
     for name, (ckpt, _) in searches.items():
@@ -231,19 +234,20 @@ def verdicts(r: dict, same: dict) -> list[str]:
            f"{100 * lat['top1']:.2f}% against FP {100 * lat['fp_top1']:.2f}%: {gap:.2f} points "
            f"below ({'within' if gap <= 1.0 + 1e-9 else 'more than'} 1 point)."]
     bops_runs = {n: v for n, v in r["runs"].items() if n.startswith("bops")}
+    lat_runs = {n: v for n, v in r["runs"].items() if n.startswith("latency")}
     if bops_runs:
-        near = min(bops_runs, key=lambda n: (abs(bops_runs[n]["top1"] - lat["top1"]),
-                                              bops_runs[n]["report"]["totals"]["exported"][
-                                                  "bops"]))
-        ms_lat, ms_b = same["latency-targeted"], same[f"{near}-targeted"]
-        out.append(
-            f"- (c) The BOPs-targeted search nearest the latency model's top-1 is `{near}` "
-            f"({100 * bops_runs[near]['top1']:.2f}% against {100 * lat['top1']:.2f}%): in the "
-            f"same run it takes {ms_b:.2f} ms against the latency-targeted {ms_lat:.2f} ms, "
-            f"so the latency-targeted model is **{ms_b / ms_lat:.2f}x** "
-            f"{'faster' if ms_b > ms_lat else 'slower'}. Every BOPs-targeted model: "
-            + "; ".join(f"`{n}` {100 * v['top1']:.2f}% at {same[f'{n}-targeted']:.2f} ms"
-                        for n, v in bops_runs.items()) + ".")
+        out.append("- (c) Each latency-targeted model against the BOPs-targeted one nearest its "
+                   "top-1, same run:")
+        for name, v in lat_runs.items():
+            near = min(bops_runs, key=lambda n: (abs(bops_runs[n]["top1"] - v["top1"]),
+                                                  same[f"{n}-targeted"]))
+            ms_lat, ms_b = same[f"{name}-targeted"], same[f"{near}-targeted"]
+            out.append(f"  - `{name}` {100 * v['top1']:.2f}% at {ms_lat:.2f} ms against "
+                       f"`{near}` {100 * bops_runs[near]['top1']:.2f}% at {ms_b:.2f} ms: "
+                       f"**{ms_b / ms_lat:.2f}x** {'faster' if ms_b > ms_lat else 'slower'}")
+        out.append("  Every BOPs-targeted model: " + "; ".join(
+            f"`{n}` {100 * v['top1']:.2f}% at {same[f'{n}-targeted']:.2f} ms"
+            for n, v in bops_runs.items()) + ".")
     return out
 
 
@@ -265,7 +269,13 @@ def main() -> None:
                     default=[1.0, 0.5, 0.25],
                     help="BOPs targets as fractions of the latency-targeted decision's BOPs")
     ap.add_argument("--export-repeats", type=int, default=3)
-    ap.add_argument("--latency", default="0.5x")
+    ap.add_argument("--latency", default="0.5x", help="the target of (b)")
+    # (c) compares at equal top-1, and a BOPs search at a low enough target can prune further
+    # than a 0.5x latency search needs to (measured: 237 M BOPs, 97.22%, 14.3 ms against the
+    # 0.5x model's 17.3 ms at 97.50%): more latency targets put both on one curve.
+    ap.add_argument("--more-latency", type=lambda t: [x for x in t.split(",") if x],
+                    default=["0.45x", "0.4x"],
+                    help="further latency targets for (c), comma-separated")
     ap.add_argument("--size", default="110KB")
     # Without residual-stream quantizers ORT runs QCDQ ResNet-20 slower than the pruned float
     # model (export_resnet20.md), and even with them half the channels pruned is about 0.5x:
