@@ -193,8 +193,8 @@ def _run_search(method, fp, data, cfg, target, lam, cands, max_prune, alpha, act
 @click.option("--streams/--no-streams", default=False, show_default=True,
               help="Also quantize every tensor that meets a residual add (trained), so "
                    "the exported convs and adds all run on integer kernels in ONNX Runtime "
-                   "(ResNet-20: 1.06-1.37x the pruned float model's speed there, by the "
-                   "day; OpenVINO needs a workaround for these files, slower at batch 1; see "
+                   "(ResNet-20: 1.06x the pruned float model's speed there idle, more under "
+                   "load; OpenVINO needs a workaround for these files, slower at batch 1; see "
                    "README).")
 @click.option("--stream-codes", type=click.Choice(["shared", "8bit"]), default="shared",
               show_default=True,
