@@ -27,7 +27,8 @@ Pieces are identified by their structure (op types, attributes, tensor shapes an
 names and values left out), so identical layers (ResNet-20 has many) are measured once, and
 bit widths that give the same graph share a measurement: on ONNX Runtime's CPU kernels 2-, 4-
 and 8-bit weights are all int8 tensors, and an activation's Clip (below 8 bits) is left out of
-the piece (`_without_input_clip`), so only a signed activation changes the graph.
+the piece (`_without_input_clip`: about 0.02 ms a layer at batch 32, below the noise between
+pieces), so only a signed activation changes the graph.
 
 The pieces new in one export are timed together, taking turns run by run
 (`latency.measure`), beside three fixed anchor pieces whose first time sets the scale of every
@@ -357,11 +358,13 @@ def layer_pieces(model: onnx.ModelProto, tags: dict[str, str]) -> dict[str, onnx
 
 def _without_input_clip(piece: onnx.ModelProto) -> onnx.ModelProto:
     """The piece without the integer Clip of its input quantizer (an activation below 8 bits).
-    In the whole file that Clip is fused into the producer's kernel (ORT: Q -> Clip -> DQ
-    becomes the QLinearConv's own requantization), so it costs the layer nothing; timed in
-    the piece it made every bit width its own measurement, and the search then read noise
-    between them as latency (measured: 8/8 0.317 ms, 8/4 0.313 ms on one ResNet-20 layer,
-    and a latency-only search chose 2-bit activations there, 1.4 points of top-1)."""
+    That Clip works on the producer's output codes: ORT runs it as a node of its own after
+    the producer's QLinearConv or QLinearAdd (ResNet-20 with streams: 18 Clips, 0.33 of 16.3
+    ms at batch 32, `benchmarks/results/ort_profile.md`), a cost on the producer's side like
+    the input QuantizeLinear the overhead fit absorbs. Timed in the piece, it made every bit
+    width its own measurement, and the noise between them (8/8 0.317 ms, 8/4 0.313 ms on one
+    ResNet-20 layer: the wrong sign for a Clip's 0.02 ms) was what the search read as latency;
+    a latency-only search chose 2-bit activations there (1.4 points of top-1)."""
     g = piece.graph
     inputs = {i.name for i in g.input}
     readers: dict[str, list[onnx.NodeProto]] = {}
