@@ -96,8 +96,9 @@ def export(ckpt: Path, folder: str, *extra: str) -> dict:
 
 
 def plans(args: argparse.Namespace, fp: Path, lut: Path) -> dict[str, tuple[Path, tuple]]:
-    """Every search: name -> (its checkpoint, its target options). The BOPs searches are at
-    fractions of the BOPs the latency-targeted decision reached: at equal BOPs the BOPs search
+    """Every search: name -> (its checkpoint, its target options). Runs the latency search
+    (cached as any stage), because the BOPs searches are at fractions of the BOPs its decision
+    reached: at equal BOPs the BOPs search
     keeps more accuracy (it spends them on bits ORT does not run faster), so the comparison at
     equal top-1 needs a lower BOPs target; which fraction lands there is found by the sweep."""
     lat = WORK / "latency.pt"

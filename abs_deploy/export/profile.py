@@ -390,13 +390,13 @@ def _piece_start(tensor: str, producer: dict[str, onnx.NodeProto]) -> str:
     an integer Clip to the QuantizeLinear, whether the layer's own or a residual stream's that
     several layers read. Cut after a stream's DQ, the piece would feed the conv a float
     input, and ORT would run it as a float conv on dequantized weights, unlike the file."""
-    start, t = tensor, tensor
+    t = tensor
     while (node := producer.get(t)) is not None and node.op_type in ("DequantizeLinear", "Clip"):
         t = node.input[0]
     node = producer.get(t)
     if node is not None and node.op_type == "QuantizeLinear" and t != tensor:
         return node.input[0]
-    return start
+    return tensor
 
 
 def _piece_ends(tensor: str, readers: dict[str, list[onnx.NodeProto]],
