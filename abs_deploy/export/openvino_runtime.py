@@ -18,6 +18,7 @@ import onnx
 
 from abs_deploy.errors import UserError
 from abs_deploy.export.errors import ExportFailed
+from abs_deploy.export.qdq import quantizer_of
 
 RUNTIMES = ("onnxruntime", "openvino")
 
@@ -128,20 +129,12 @@ def residual_add_operands(model: onnx.ModelProto) -> list[str]:
             continue
         for dq in producers:
             codes = dq.input[0]
-            quantize = _through_clip(made_by, codes)
+            quantize = quantizer_of(made_by, codes)
             source = made_by.get(quantize.input[0]) if quantize is not None else None
             if (source is not None and source.op_type == "Conv" and codes not in outputs
                     and codes not in names):
                 names.append(codes)
     return names
-
-
-def _through_clip(made_by: dict[str, onnx.NodeProto], codes: str) -> onnx.NodeProto | None:
-    """The QuantizeLinear that makes `codes`, through its integer Clip if it has one."""
-    node = made_by.get(codes)
-    if node is not None and node.op_type == "Clip":
-        node = made_by.get(node.input[0])
-    return node if node is not None and node.op_type == "QuantizeLinear" else None
 
 
 def device_name() -> str:

@@ -69,6 +69,7 @@ from abs_deploy.errors import UserError
 from abs_deploy.export.collapse import collapse
 from abs_deploy.export.latency import CLOCKS, MIN_RUNS, WARMUP, measure
 from abs_deploy.export.pipeline import ExportOptions, one_torch_thread, qcdq_files
+from abs_deploy.export.qdq import quantizer_of
 from abs_deploy.files import write_bytes
 from abs_deploy.latency_table import LatencyTable, bits_key, fingerprint
 from abs_deploy.machine import runtime_version, this_machine
@@ -390,13 +391,10 @@ def _piece_start(tensor: str, producer: dict[str, onnx.NodeProto]) -> str:
     an integer Clip to the QuantizeLinear, whether the layer's own or a residual stream's that
     several layers read. Cut after a stream's DQ, the piece would feed the conv a float
     input, and ORT would run it as a float conv on dequantized weights, unlike the file."""
-    t = tensor
-    while (node := producer.get(t)) is not None and node.op_type in ("DequantizeLinear", "Clip"):
-        t = node.input[0]
-    node = producer.get(t)
-    if node is not None and node.op_type == "QuantizeLinear" and t != tensor:
-        return node.input[0]
-    return tensor
+    dq = producer.get(tensor)
+    q = quantizer_of(producer, dq.input[0]) \
+        if dq is not None and dq.op_type == "DequantizeLinear" else None
+    return tensor if q is None else q.input[0]
 
 
 def _piece_ends(tensor: str, readers: dict[str, list[onnx.NodeProto]],

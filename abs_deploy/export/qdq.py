@@ -42,6 +42,8 @@ from abs_deploy.export.onnx_builder import GraphBuilder
 from abs_deploy.quant import int_range
 
 if TYPE_CHECKING:
+    import onnx
+
     from abs_deploy.export.collapse import LayerQuant, StreamSpec
 
 CODES = np.uint8  # every activation's codes, signed ones offset (see `zero_point`)
@@ -181,3 +183,12 @@ def f32(t: torch.Tensor) -> np.ndarray:
 
 def _num(v: float | None) -> str:
     return "none" if v is None else f"{v:g}"
+
+
+def quantizer_of(made_by: dict[str, onnx.NodeProto], codes: str) -> onnx.NodeProto | None:
+    """The QuantizeLinear that makes `codes` in a written file, through its integer Clip if
+    it has one (`made_by`: tensor -> the node that outputs it); None if no quantizer does."""
+    node = made_by.get(codes)
+    if node is not None and node.op_type == "Clip":
+        node = made_by.get(node.input[0])
+    return node if node is not None and node.op_type == "QuantizeLinear" else None
