@@ -112,7 +112,8 @@ def plans(args: argparse.Namespace, fp: Path, lut: Path) -> dict[str, tuple[Path
     for f in args.bops_fractions:
         name = "bops" if f == 1 else f"bops_{f:g}"
         out[name] = (WORK / f"{name}.pt", ("--target-bops", f"{f * lat_bops:.0f}"))
-    out["size"] = (WORK / "size.pt", ("--target-size", args.size, "--weights", "int4"))
+    if args.size:
+        out["size"] = (WORK / "size.pt", ("--target-size", args.size, "--weights", "int4"))
     return out
 
 
@@ -300,7 +301,7 @@ def main() -> None:
     ap.add_argument("--more-latency", type=lambda t: [x for x in t.split(",") if x],
                     default=["0.45x"],
                     help="further latency targets for (c), comma-separated")
-    ap.add_argument("--size", default="110KB")
+    ap.add_argument("--size", default="110KB", help="the --target-size search ('' for none)")
     # Without residual-stream quantizers ORT runs QCDQ ResNet-20 slower than the pruned float
     # model (export_resnet20.md), and even with them half the channels pruned is about 0.5x:
     # a 0.5x target needs the streams and room to prune further.

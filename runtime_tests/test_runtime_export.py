@@ -147,6 +147,18 @@ def test_report_has_totals_parity_accuracy_and_latency(exported):
     assert "BOPs" in md and "Latency" in md and "Parity" in md
 
 
+def test_pruned_float_accuracy_is_the_fp32_files_accuracy(exported):
+    """The report's pruned float row is the model the user gets as model.fp32.onnx: its
+    accuracy in ORT on the same images (the first 128, as the export validated)."""
+    _, result, _ = exported
+    report = json.loads(result.files["json"].read_text())
+    assert any(r["kept"] < r["total"] for r in report["layers"])
+    acc = report["accuracy"]
+    check = validate_file(result.files["fp32"], max_images=128)
+    assert check.images == 128
+    assert acc["pruned_float"] == pytest.approx(check.accuracy_off, abs=1 / 128)
+
+
 def test_unsimplified_export_keeps_every_quantizer(exported, tmp_path):
     ckpt, result, folder = exported
     out = tmp_path / "raw.onnx"

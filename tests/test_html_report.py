@@ -83,8 +83,8 @@ def _report(rows: list[dict] | None = None) -> dict:
         "options": {"opset": 21, "weights": "int8", "simplified": True, "reduce_range": True},
         "layers": rows,
         "totals": report.totals(rows, fp_params, sum(r["params"] for r in rows), None, 123456),
-        "accuracy": {"fp_original": 0.92, "fp_source": "checkpoint", "float_weights": 0.91,
-                     "reference": 0.905, "ort": 0.905, "ort_unoptimized": 0.905, "images": 512},
+        "accuracy": {"fp_original": 0.92, "fp_source": "checkpoint", "float_weights": 0.11,
+                     "pruned_float": 0.913, "reference": 0.905, "ort": 0.905, "ort_unoptimized": 0.905, "images": 512},
         "checkpoint_metrics": {"top1": 0.905},
         "parity": {"pruning": {"logits_rel": 0.0, "onnx_logits_rel": 3e-7,
                                "worst_layer": rows[1]["name"], "worst_layer_rel": 0.0},
@@ -280,6 +280,19 @@ def test_further_runtimes_in_parity_get_a_line_each_in_html_and_markdown():
     for text in (render(rep), md_report.markdown(rep).replace("\\_", "_")):
         assert "openvino vs reference: top-1 90.40%, top-1 agreement 99.80%" in text
         assert "ort_format vs reference: top-1 90.00%" in text
+
+
+def test_accuracy_shows_the_pruned_float_model_not_the_unmasked_weights():
+    """With the masks off a pruned decision's filters come back (the checkpoint's weights in
+    float read 10% for the fine-tuned ResNet-20s); the row a user reads is the pruned float
+    model. A report written before that figure existed still renders its old row."""
+    rep = _report()
+    for text in (render(rep), md_report.markdown(rep)):
+        assert "pruned float model (model.fp32.onnx)" in text and "91.30%" in text
+        assert "11.00%" not in text and "no mask" not in text
+    del rep["accuracy"]["pruned_float"]
+    for text in (render(rep), md_report.markdown(rep)):
+        assert "checkpoint weights in float" in text and "11.00%" in text
 
 
 def test_kernels_get_a_section_in_html_and_markdown_when_counted():

@@ -23,6 +23,7 @@ from abs_deploy.export.report_format import (
     PARITY_TERMS,
     bits,
     count,
+    float_accuracy_row,
     is_float,
     kernel_sentences,
     model_label,
@@ -118,8 +119,9 @@ def _totals_table(t: dict) -> str:
 
 
 def _accuracy_table(a: dict) -> str:
+    label, value, note = float_accuracy_row(a)
     rows = [("FP original", pct(a["fp_original"]), esc(a.get("fp_source", ""))),
-            ("checkpoint weights in float", pct(a["float_weights"]), "no quantizer, no mask"),
+            (label, pct(value), note),
             ("integer reference (PyTorch)", pct(a["reference"]), "what the ONNX file must equal"),
             ("ONNX Runtime", pct(a["ort"]), "all graph optimizations (int8 kernels)"),
             ("ONNX Runtime, no optimizations", pct(a["ort_unoptimized"]), "")]

@@ -8,6 +8,7 @@ import re
 from abs_deploy.export.report_format import (
     PARITY_TERMS,
     count,
+    float_accuracy_row,
     kernel_sentences,
     model_label,
     models_of,
@@ -58,12 +59,13 @@ def _totals(t: dict) -> list[str]:
 
 
 def _accuracy(acc: dict) -> list[str]:
+    label, value, note = float_accuracy_row(acc)
     return ["## Accuracy (top-1)", "",
-            "| FP original | checkpoint weights in float | reference | ORT | "
+            f"| FP original | {label} | reference | ORT | "
             "ORT (no optimizations) |", "|---:|---:|---:|---:|---:|",
             f"| {pct(acc['fp_original'])} ({_md(acc['fp_source'])}) | "
-            f"{pct(acc['float_weights'])} | {pct(acc['reference'])} | {pct(acc['ort'])} | "
-            f"{pct(acc['ort_unoptimized'])} |"]
+            f"{pct(value)} | {pct(acc['reference'])} | {pct(acc['ort'])} | "
+            f"{pct(acc['ort_unoptimized'])} |", "", f"{label}: {note}."]
 
 
 def _parity(par: dict) -> list[str]:

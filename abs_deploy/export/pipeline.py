@@ -263,6 +263,7 @@ class _Checks:
     off: ModeParity
     full: ModeParity
     float_accuracy: float  # the checkpoint's weights run in float (the `original` model)
+    pruned_float_accuracy: float  # the pruned float model (model.fp32.onnx's PyTorch twin)
     others: dict[str, ModeParity] = field(default_factory=dict)  # runtime -> its parity
     ort_format: ort_format.OrtFormatParity | None = None
 
@@ -276,7 +277,8 @@ def _validate(col: Collapsed, pruned: _Pruned, files: _Files, batches: Batches,
     if failures:
         raise ExportFailed(" | ".join(failures))
     return _Checks(pruning, qcdq.reference_accuracy, qcdq.off, qcdq.full,
-                   accuracy(col.original, batches), qcdq.others)
+                   accuracy(col.original, batches), accuracy(pruned.float_model, batches),
+                   qcdq.others)
 
 
 def _ort_format(files: _Files, pruned: _Pruned, checks: _Checks, batches: Batches,
@@ -351,8 +353,8 @@ def _report(ckpt: dict, ckpt_path: Path, col: Collapsed, pruned: _Pruned, files:
                                 paths["onnx"].stat().st_size),
         "accuracy": dataclasses.asdict(report.Accuracy(
             *_fp_accuracy(ckpt, checks.float_accuracy), checks.float_accuracy,
-            checks.reference_accuracy, checks.full.accuracy, checks.off.accuracy,
-            checks.full.images)),
+            checks.pruned_float_accuracy, checks.reference_accuracy, checks.full.accuracy,
+            checks.off.accuracy, checks.full.images)),
         "checkpoint_metrics": ckpt.get("metrics", {}),
         "parity": {**report.parity_section(checks.pruning, checks.off, checks.full),
                    **_more_parity(checks)},

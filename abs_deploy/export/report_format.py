@@ -236,3 +236,12 @@ def is_float(bits: int) -> bool:
 
 def bits(b: int) -> str:
     return "float" if is_float(b) else str(b)
+
+
+def float_accuracy_row(acc: dict) -> tuple[str, float, str]:
+    """The accuracy row between the FP original and the integer reference: the pruned float
+    model (reports written before it existed show the checkpoint's weights in float)."""
+    if "pruned_float" in acc:
+        return ("pruned float model (model.fp32.onnx)", acc["pruned_float"],
+                "the decision's filters removed, BN folded, no quantizer")
+    return "checkpoint weights in float", acc["float_weights"], "no quantizer, no mask"
