@@ -103,6 +103,8 @@ class LatencyTable:
             self._per_channel = {str(k): float(v)
                                  for k, v in over["per_out_channel_ms"].items()}
             self.fit: dict = dict(over.get("fit", {}))
+            # Old tables without it: their grid starts at the fewest they were profiled for.
+            self.max_prune: float = float(record.get("max_prune", 0.0))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise UserError(f"{source}: not a complete latency table ({type(e).__name__}: "
                             f"{e})") from None

@@ -128,7 +128,7 @@ def stages(args: argparse.Namespace) -> dict:
                 str(args.pretrain_epochs), "-o", str(fp)), fp)
     run(abs_cmd("profile", str(fp), "--runtime", "ort", "--batch", str(SETTING["batch"]),
                 "--threads", str(SETTING["threads"]), "--max-prune", str(args.max_prune),
-                "--streams", "-o", str(lut)), lut, resumes=True)
+                "--channel-multiple", "8", "--streams", "-o", str(lut)), lut, resumes=True)
     tune = ["--dataset", args.dataset, "--streams",
             *(("--epochs", str(args.ft_epochs)) if args.ft_epochs else ()),
             *(("--lr", str(args.ft_lr)) if args.ft_lr else ())]

@@ -3,8 +3,9 @@
 ResNet-20 on digits32 in ONNX Runtime, batch 32, one thread. `abs profile` builds the table
 (`benchmarks/results/lut_resnet20_ort.json`, reused when it is there and matches); then five
 random decisions, none of them one the table's overhead was fitted on (random (w, a) per layer
-from the candidates, first and last layer 8/8, per prunable channel group a random kept count
-between (1 - max_prune) * C and C), are exported with `abs-export`'s own pipeline, timed whole
+from the candidates, first and last layer 8/8, per prunable channel group a random count of
+the table's grid: multiples of 8 from (1 - max_prune) * C to C, the counts a search with the
+table keeps), are exported with `abs-export`'s own pipeline, timed whole
 (the five take turns run by run, `export/latency.measure`) and compared with
 `LatencyTable.predict_ms`. Each must be within 15%, by the clock the table was timed with
 (`abs profile` on one thread times runs by the process's CPU time, so other work on the
@@ -25,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import random
 import subprocess
@@ -39,7 +39,7 @@ from provenance import load_note, provenance, provenance_markdown
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 LIMIT = 0.15
-BATCH, THREADS, CANDIDATES, EDGE, MAX_PRUNE = 32, 1, (2, 4, 8), 8, 0.5
+BATCH, THREADS, CANDIDATES, EDGE, MAX_PRUNE, MULTIPLE = 32, 1, (2, 4, 8), 8, 0.5, 8
 INFLATED = ("Both the table and the whole models were timed under that load, at different "
             "moments; the errors include its changes between them.")
 
@@ -107,7 +107,8 @@ def build_table(lut: Path, runtime: str, streams: bool) -> dict:
            "--input-shape", "3,32,32",
            "--batch", str(BATCH), "--threads", str(THREADS), "--candidates",
            ",".join(map(str, CANDIDATES)), "--edge-bits", str(EDGE), "--max-prune",
-           str(MAX_PRUNE), *(("--streams",) if streams else ()), "-o", str(lut)]
+           str(MAX_PRUNE), "--channel-multiple", str(MULTIPLE),
+           *(("--streams",) if streams else ()), "-o", str(lut)]
     reused = lut.exists()
     load = [round(v, 2) for v in os.getloadavg()]
     t0 = time.perf_counter()
@@ -133,7 +134,7 @@ def check_decisions(todo: list[int], table, fitted: list[dict],
     models, choices = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for k in todo:
-            ckpt, choice = random_decision(data, seed=100 + k, streams=streams)
+            ckpt, choice = random_decision(data, table, seed=100 + k, streams=streams)
             table.check_for(ckpt["arch"], ckpt["input"]["shape"])
             assert choice not in fitted, "a checked decision must not be a fitted one"
             path = Path(tmp) / f"d{k}.pt"
@@ -163,10 +164,11 @@ def check_decisions(todo: list[int], table, fitted: list[dict],
     return out
 
 
-def random_decision(data, seed: int, streams: bool = False
+def random_decision(data, table, seed: int, streams: bool = False
                     ) -> tuple[dict, dict[str, list[int]]]:
-    """A checkpoint with random bits and random kept counts per prunable group, and its
-    choice for `predict_ms` (layer -> [w, a, out_kept, in_kept])."""
+    """A checkpoint with random bits and, per prunable group, a random count of the table's
+    grid (the counts a search with the table keeps: `SuperBitNet.snap_to`), and its choice for
+    `predict_ms` (layer -> [w, a, out_kept, in_kept])."""
     import torch
     from rt_checkpoints import random_checkpoint
 
@@ -182,7 +184,7 @@ def random_decision(data, seed: int, streams: bool = False
     in_kept: dict[str, int] = {}
     for g in groups:
         if g.prunable and g.producers:
-            n = rng.randint(math.ceil((1 - MAX_PRUNE) * g.channels), g.channels)
+            n = rng.choice(table.grid(g.producers[0])[0])
             idx = tuple(sorted(rng.sample(range(g.channels), n)))
             kept.update(dict.fromkeys(g.producers, idx))
             in_kept.update(dict.fromkeys(g.consumers, n))

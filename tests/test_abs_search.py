@@ -11,7 +11,13 @@ from abs_deploy.data import load_dataset
 from abs_deploy.errors import UserError
 from abs_deploy.models import create_model
 from abs_deploy.models.registry import arch_record, build_model
-from abs_deploy.search.abs_search import abs_search, project, start_thresholds, to_superbit
+from abs_deploy.search.abs_search import (
+    _moves,
+    abs_search,
+    project,
+    start_thresholds,
+    to_superbit,
+)
 from abs_deploy.search.qmodel import model_from_checkpoint
 from abs_deploy.search.superbit import SUPERBIT_TYPES
 from abs_deploy.train import TrainConfig
@@ -145,6 +151,36 @@ def test_projection_reaches_a_far_target_from_any_state(fp_digits, small_digits)
     target = fp_digits["metrics"]["fp_bops"] / 100
     project(net, small_digits, target)
     assert abs(net.bops().item() / target - 1) <= 0.05
+
+
+def test_allowed_counts_bound_the_gates_the_freeze_and_the_projection(fp_digits, small_digits):
+    """A search given a latency table keeps only the table's counts (`snap_to`): the gates may
+    close down to the fewest of them, a frozen count rounds up to one, and a projection move
+    goes to any of them (the next one down can be the slower one on int8 kernels)."""
+    model = model_from_checkpoint(fp_digits)
+    net = to_superbit(model, torch.zeros(1, 1, 8, 8), max_prune=0.9)
+    for g in net.groups:
+        g.allowed = [4, 12, g.channels]
+    g = net.groups[0]
+    assert net.fewest(g) == 4 and net.limit(g) == g.channels - 4
+    with torch.no_grad():
+        low = net.norms(g).sort().values
+        net.layers[g.owner].f_thr.fill_((low[4] + low[5]).item() / 2)   # the 5 smallest close
+    assert int(net.group_mask(g).sum()) == g.channels - 5
+    net.freeze()
+    assert g.pinned_kept == 12 and all(h.pinned_kept in h.allowed for h in net.groups)
+    g.pinned_kept = g.channels
+    downs = []
+    for key, apply, undo in _moves(net, down=True):
+        if key == ("group", g.id):
+            apply()
+            downs.append(g.pinned_kept)
+            undo()
+    assert sorted(downs) == [4, 12] and g.pinned_kept == g.channels
+    target = fp_digits["metrics"]["fp_bops"] / 100
+    project(net, small_digits, target)
+    assert abs(net.bops().item() / target - 1) <= 0.05
+    assert all(h.pinned_kept in h.allowed for h in net.groups)
 
 
 def test_fixed_lam_mode_runs_without_a_target(fp_digits, small_digits):

@@ -13,7 +13,7 @@ from abs_deploy.cli import main
 from abs_deploy.export.collapse import collapse
 from abs_deploy.export.kernels import onnxruntime_kernels
 from abs_deploy.export.pipeline import ExportOptions, qcdq_files
-from abs_deploy.export.profile import ProfileOptions, _Model, _tag, layer_pieces
+from abs_deploy.export.profile import ProfileOptions, _Model, _tag, grid_counts, layer_pieces
 from abs_deploy.latency_table import LatencyTable
 from abs_deploy.models.registry import arch_record
 
@@ -104,6 +104,35 @@ def test_an_output_that_is_no_table_is_refused_in_one_line(tmp_path, content, wo
     path.write_text(content)
     one_line(run("digits_cnn", *QUICK, "-o", path), words)
     assert path.read_text() == content
+
+
+@pytest.mark.parametrize("channels, max_prune, points, multiple, grid", [
+    (16, 0.75, 4, 8, [8, 16]),            # the fewest (4) rounds up to the multiple
+    (32, 0.75, 4, 8, [8, 16, 24, 32]),
+    (64, 0.75, 4, 8, [16, 32, 48, 64]),   # seven multiples, four points spread over them
+    (64, 0.5, 4, 8, [32, 40, 56, 64]),
+    (10, 0.5, 4, 8, [8, 10]),             # the layer's own count is always there
+    (8, 0.5, 4, 8, [4, 5, 7, 8]),         # one multiple only: the plain spread
+    (16, 0.75, 4, 1, [4, 8, 12, 16]),
+    (16, 0.5, 4, 1, [8, 11, 13, 16]),     # the grid before multiples (still reachable)
+])
+def test_grid_counts_are_multiples_spread_over_the_prunable_range(channels, max_prune, points,
+                                                                  multiple, grid):
+    assert grid_counts(channels, max_prune, points, multiple) == grid
+
+
+def test_the_table_records_its_channel_multiple_and_every_count_is_one(lut):
+    record = json.loads(lut.read_text())
+    assert record["channel_multiple"] == 8
+    table = LatencyTable.load(lut)
+    pruned = [n for n in table.layers() if len(table.grid(n)[0]) > 1]
+    assert pruned
+    for name in pruned:
+        out_channels = table.channels(name)[0]
+        assert all(k % 8 == 0 or k == out_channels for k in table.grid(name)[0])
+    for sample in table.fit["samples"]:   # the overhead fit's decisions: grid counts only
+        for name, (_, _, out_kept, in_kept) in sample["choice"].items():
+            assert out_kept in table.grid(name)[0] and in_kept in table.grid(name)[1]
 
 
 def test_bad_options_are_one_line():

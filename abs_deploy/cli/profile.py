@@ -41,6 +41,10 @@ RUNTIME_NAMES = {"ort": "onnxruntime", "openvino": "openvino"}
               show_default=True, help="Kept channels are profiled from (1 - this) * C to C.")
 @click.option("--grid-points", type=click.IntRange(1, 8), default=4, show_default=True,
               help="Kept-channel counts profiled per prunable side of a layer.")
+@click.option("--channel-multiple", type=click.IntRange(1), default=8, show_default=True,
+              help="Profile (and so let a search keep) only channel counts that are multiples "
+                   "of this, or a layer's full count: int8 kernels run other counts much "
+                   "slower. 1: any count.")
 @click.option("--streams", is_flag=True,
               help="Profile exports with residual-stream quantizers (abs finetune --streams).")
 @click.option("--num-classes", type=click.IntRange(1), default=None,
@@ -56,8 +60,8 @@ RUNTIME_NAMES = {"ort": "onnxruntime", "openvino": "openvino"}
 @model_code_options
 @guarded
 def profile_cmd(model, runtime, batch, threads, clock, candidates, edge_bits, max_prune,
-                grid_points, streams, num_classes, input_shape, runs, warmup, fit_decisions,
-                output):
+                grid_points, channel_multiple, streams, num_classes, input_shape, runs, warmup,
+                fit_decisions, output):
     """Latency lookup table of MODEL (zoo name or fp checkpoint) on this machine: each layer
     as the export emits it, per candidate bits and kept channels, plus the whole FP model.
     An existing OUTPUT of the same model, runtime, machine and setting is reused and
@@ -67,8 +71,8 @@ def profile_cmd(model, runtime, batch, threads, clock, candidates, edge_bits, ma
     check_output(output, [model] if Path(model).is_file() else [])
     arch, shape = _model(model, num_classes, input_shape)
     opts = ProfileOptions(RUNTIME_NAMES[runtime], batch, threads, clock, bits_list(candidates),
-                          edge_bits, max_prune, grid_points, streams, runs, warmup,
-                          fit_decisions)
+                          edge_bits, max_prune, grid_points, channel_multiple, streams, runs,
+                          warmup, fit_decisions)
     r = profile(arch, shape, output, opts, progress)
     t = r.table
     click.echo(f"{len(t.layers())} layers on {t.runtime} {t.runtime_version} "

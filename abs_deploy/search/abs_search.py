@@ -19,7 +19,9 @@ The steps, top-down:
 4. Gradient search oscillates around the target, so a last `project` step walks the hard decision
    into the 5% band: greedy one-level/one-filter-step moves, each chosen as the least loss increase
    per BOP saved (or the most loss decrease per BOP added when below), measured on held-out
-   training batches. A short re-train of the weights at the fixed decision follows.
+   training batches. A short re-train of the weights at the fixed decision follows. A search
+   given a latency table keeps only the counts the table measured (`SuperBitNet.snap_to`):
+   the hard decision is rounded up to them, and a projection move goes to any of them.
 """
 
 from __future__ import annotations
@@ -96,6 +98,7 @@ class GateGroup:
     spatial: dict[str, int]
     masked: list[str]                 # modules whose output the mask multiplies (BN or layer)
     pinned_kept: int | None = None    # kept count pinned by the projection step
+    allowed: list[int] | None = None  # the kept counts a decision may have (None: any)
     mask: Tensor | None = field(default=None, repr=False)
 
     @property
@@ -132,11 +135,35 @@ class SuperBitNet:
             mask = norms.new_zeros(g.channels)
             mask[keep] = 1.0
             return mask
-        return filter_gate(self.norms(g), self.layers[g.owner].f_thr, self.max_prune)
+        return filter_gate(self.norms(g), self.layers[g.owner].f_thr, self.max_prune,
+                           limit=self.limit(g))
+
+    def limit(self, g: GateGroup) -> int:
+        """The most channels `g` may drop: `max_prune` of them, never all, and with `allowed`
+        counts down to the fewest of those."""
+        if g.allowed:
+            return g.channels - g.allowed[0]
+        return min(int(self.max_prune * g.channels), g.channels - 1)
 
     def fewest(self, g: GateGroup) -> int:
-        """The fewest channels `g` may keep: `max_prune` of them may go, never all."""
-        return g.channels - min(int(self.max_prune * g.channels), g.channels - 1)
+        """The fewest channels `g` may keep."""
+        return g.channels - self.limit(g)
+
+    def snap(self, g: GateGroup, kept: int) -> int:
+        """`kept` as a count `g` may keep: the allowed count at or above it."""
+        if not g.allowed:
+            return kept
+        return next((k for k in g.allowed if k >= kept), g.allowed[-1])
+
+    def snap_to(self, lut: LatencyTable) -> None:
+        """Let every group keep only the counts `lut` measured (its layers' grids): between
+        grid points a table only interpolates, and on int8 kernels a count off the runtime's
+        preferred multiple is a cliff no interpolation sees (`profile.ProfileOptions`)."""
+        fewest = {g.id: self.fewest(g) for g in self.groups}
+        for g in self.groups:
+            grid = lut.grid(g.owner)[0]
+            if len(grid) > 1:
+                g.allowed = [k for k in grid if k >= fewest[g.id]] or [g.channels]
 
     @contextlib.contextmanager
     def smallest(self) -> Iterator[None]:
@@ -276,7 +303,7 @@ class SuperBitNet:
             m.a_thr.copy_(torch.minimum(m.a_thr.clamp(min=0.0), m.a_m + REACH))
         for g in self.groups:
             n = self.norms(g)
-            limit = min(int(self.max_prune * g.channels), g.channels - 1)
+            limit = self.limit(g)
             top = torch.sort(n).values[limit - 1] if limit > 0 else n.new_tensor(0.0)
             r = self.layers[g.owner].f_thr
             r.copy_(torch.minimum(r.clamp(min=0.0), top + REACH))
@@ -298,7 +325,7 @@ class SuperBitNet:
         for m in self.layers.values():
             m.pinned_bits = (m.w_bits, m.a_bits)
         for g in self.groups:
-            g.pinned_kept = int(self.group_mask(g).sum())
+            g.pinned_kept = self.snap(g, int(self.group_mask(g).sum()))
 
 
 def to_superbit(model: nn.Module, example_input: Tensor,
@@ -621,22 +648,27 @@ def _use_costs(net: SuperBitNet, targets: Sequence[Target], lut: LatencyTable | 
         net.use_cost(LatencyCost(lut, net.order, net.candidates(),
                                  {n: c.c_in for n, c in net.costs.items()}))
         _check_grids(net, lut)
+        net.snap_to(lut)
     if "size" in kinds:
         net.use_cost(SizeCost(weights))
 
 
 def _check_grids(net: SuperBitNet, lut: LatencyTable) -> None:
-    """Below its grid a table can only guess (interpolation holds the end value): refuse a
-    search that may keep fewer channels than the table measured."""
+    """Below what it was profiled for a table can only guess (interpolation holds the end
+    value): refuse a search that may keep fewer channels than the table's `max_prune` allowed.
+    (Its grid may start higher, at a multiple of its channel multiple; the search then keeps
+    grid counts only, `SuperBitNet.snap_to`.)"""
     with torch.no_grad(), net.smallest():
         fewest = net.kept_counts()
     for name, (out, inp) in fewest.items():
         counts = (out, inp * lut.channels(name)[1] / net.costs[name].c_in)
-        for side, grid, kept in zip(("output", "input"), lut.grid(name), counts, strict=True):
+        for side, grid, kept, total in zip(("output", "input"), lut.grid(name), counts,
+                                           lut.channels(name), strict=True):
+            profiled = min(grid[0], max(1, math.ceil((1 - lut.max_prune) * total - 1e-9)))
             # One point: a side the table does not prune (it ignores the count there).
-            if len(grid) > 1 and grid[0] > kept.item() + 1e-9:
+            if len(grid) > 1 and profiled > kept.item() + 1e-9:
                 raise UserError(f"the latency table's {side} grid for {name} starts at "
-                                f"{grid[0]} channels; this search may keep {kept.item():.0f} "
+                                f"{profiled} channels; this search may keep {kept.item():.0f} "
                                 f"(profile with --max-prune {net.max_prune:g})")
 
 
@@ -847,12 +879,17 @@ def _moves(net: SuperBitNet, down: bool):
                 new = (m.candidates[idx], old[1]) if which == 0 else (old[0], m.candidates[idx])
                 yield (name, which), _setter(m, "pinned_bits", new), _setter(m, "pinned_bits", old)
     for g in net.groups:
-        step = max(1, g.channels // 16)
-        lo = net.fewest(g)
-        new = min(max(g.pinned_kept + sign * step, lo), g.channels)
-        if new != g.pinned_kept:
-            yield (("group", g.id), _setter(g, "pinned_kept", new),
-                   _setter(g, "pinned_kept", g.pinned_kept))
+        if g.allowed:
+            # Every allowed count that way, not just the next: on int8 kernels the next one
+            # down can be slower (a count off the kernel's multiple), the one after faster.
+            news = [k for k in g.allowed if (k < g.pinned_kept if down else k > g.pinned_kept)]
+        else:
+            step = max(1, g.channels // 16)
+            news = [min(max(g.pinned_kept + sign * step, net.fewest(g)), g.channels)]
+        for new in news:
+            if new != g.pinned_kept:
+                yield (("group", g.id), _setter(g, "pinned_kept", new),
+                       _setter(g, "pinned_kept", g.pinned_kept))
 
 
 def _setter(obj: object, attr: str, value: object) -> Callable[[], None]:

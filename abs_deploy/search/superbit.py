@@ -200,11 +200,11 @@ def bits_from_gates(gates: Tensor, bits: Sequence[int]) -> Tensor:
 
 
 def filter_gate(norms: Tensor, threshold: Tensor, max_prune: float,
-                tau: float = TAU) -> Tensor:
+                tau: float = TAU, limit: int | None = None) -> Tensor:
     """`g_0,c = step(n_c - r_0)`, except that only the `max_prune` fraction of channels with the
-    smallest `n_c` may close, and at least one channel stays."""
+    smallest `n_c` may close (or, given, `limit` of them), and at least one channel stays."""
     c = norms.numel()
-    limit = min(int(max_prune * c), c - 1)
+    limit = min(int(max_prune * c) if limit is None else limit, c - 1)
     candidate = torch.zeros(c, dtype=torch.bool, device=norms.device)
     if limit > 0:
         candidate[torch.argsort(norms, stable=True)[:limit]] = True
