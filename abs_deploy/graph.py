@@ -115,6 +115,15 @@ def layer_order(model: nn.Module, example_input: torch.Tensor) -> list[str]:
     return Analysis(model, example_input).layer_order()
 
 
+def aligned_counts(channels: int, fewest: int, multiple: int) -> list[int]:
+    """The kept counts of a group of `channels` that are multiples of `multiple`, from the first
+    at or above `fewest`, and `channels` itself; empty when that leaves fewer than two (the
+    multiple does not fit the group)."""
+    first = -(-fewest // multiple) * multiple
+    counts = sorted({*range(first, channels, multiple), channels})
+    return counts if len(counts) > 1 else []
+
+
 def input_kept(groups: list[ChannelGroup], kept: dict[str, list[int]]) -> dict[str, int]:
     """Number of input channels each consumer (and depthwise conv) keeps.
 

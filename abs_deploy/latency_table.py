@@ -108,7 +108,7 @@ class LatencyTable:
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise UserError(f"{source}: not a complete latency table ({type(e).__name__}: "
                             f"{e})") from None
-        self.record = record
+        self.record, self.source = record, source
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LatencyTable:

@@ -137,6 +137,7 @@ def check_decisions(todo: list[int], table, fitted: list[dict],
     from abs_deploy.checkpoint import save_checkpoint
     from abs_deploy.export.latency import measure
     from abs_deploy.export.pipeline import ExportOptions, export_model
+    from abs_deploy.export.profile import table_anchors
 
     data = dataset_for("digits32")
     models, choices = {}, {}
@@ -154,17 +155,27 @@ def check_decisions(todo: list[int], table, fitted: list[dict],
             choices[str(k)] = choice
             print(f"decision {k} exported", flush=True)
     load = [round(v, 2) for v in os.getloadavg()]
+    # The table's anchor pieces take turns with the decisions, as they did with every batch
+    # of the table: scaled by the table's level over their total here, a decision's time is
+    # on the table's level (profile.table_anchors), whatever state the machine is in now.
+    anchors, level = table_anchors(table)
+    both = {**models, **anchors}
+    shapes = {k: [1, *(d.dim_value for d in m.graph.input[0].type.tensor_type.shape.dim[1:])]
+              for k, m in both.items()}
+    runtimes = dict.fromkeys(both, table.runtime)
     # By the table's own clock (what the prediction is in), and by the wall clock as well.
-    runtimes = dict.fromkeys(models, table.runtime)
-    timed = {clock: {t.model: t for t in measure(models, table.model["input_shape"], (BATCH,),
-                                                 (THREADS,), clock=clock, runtimes=runtimes)}
+    timed = {clock: {t.model: t for t in measure(both, shapes, (BATCH,), (THREADS,),
+                                                 clock=clock, runtimes=runtimes)}
              for clock in dict.fromkeys((table.clock, "wall"))}
+    scale = level / sum(timed[table.clock][a].median_ms for a in anchors)
     out = {}
     for k, choice in choices.items():
         predicted = table.predict_ms({n: tuple(v) for n, v in choice.items()})
         t = timed[table.clock][k]
-        out[k] = {"decision": int(k), "measured_ms": t.median_ms, "p90_ms": t.p90_ms,
-                  "predicted_ms": predicted, "error": predicted / t.median_ms - 1,
+        out[k] = {"decision": int(k), "measured_ms": t.median_ms * scale, "p90_ms": t.p90_ms,
+                  "raw_ms": t.median_ms, "anchor_scale": scale,
+                  "predicted_ms": predicted, "error": predicted / (t.median_ms * scale) - 1,
+                  "raw_error": predicted / t.median_ms - 1,
                   "wall_ms": timed["wall"][k].median_ms,
                   "wall_error": predicted / timed["wall"][k].median_ms - 1,
                   "load_avg": load, "mean_bits": _mean_bits(choice),
@@ -263,17 +274,24 @@ def markdown(state: dict, rows: list[dict]) -> str:
              f"decisions: residual rms {fit['rms_ms']:.2f} ms, largest "
              f"{100 * fit['max_rel']:.1f}%.", "",
              f"Five random decisions (bits from {{{', '.join(map(str, CANDIDATES))}}} per "
-             f"layer, first/last {EDGE}/{EDGE}, kept {100 * (1 - MAX_PRUNE):.0f}-100% per "
-             "prunable group), exported with `abs-export`'s pipeline and timed whole, the "
-             "five taking turns run by run (median of 50 runs after 10 warm-up), by the "
-             f"table's clock and then by the wall clock:", "",
+             f"layer, first/last {EDGE}/{EDGE}, a count of the table's grid per prunable "
+             f"group: multiples of {MULTIPLE} from {100 * (1 - MAX_PRUNE):.0f}% to 100%), "
+             "exported with `abs-export`'s pipeline and timed whole, the five and the "
+             "table's three anchor pieces taking turns run by run (median of 50 runs after 10 "
+             "warm-up), by the table's clock and then by the wall clock. **Measured** is on "
+             "the table's level: the time as taken, scaled by the table's median anchor total "
+             "over the anchors' total here (the table puts each of its batches on that level "
+             "the same way; this machine's speed moves between two states about 1.4x apart "
+             "within minutes). The time as taken and its error are beside it:", "",
              "| decision | mean bits | kept (prunable) | measured ms | predicted ms | error "
-             "| wall-clock ms | error vs wall |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| as taken ms (scale) | error vs as taken | wall-clock ms | error vs wall |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
+        raw = (f"{r['raw_ms']:.2f} (x{r['anchor_scale']:.3f}) | {100 * r['raw_error']:+.1f}%"
+               if "raw_ms" in r else " | ")
         lines.append(f"| {r['decision']} | {r['mean_bits']:.1f} | {100 * r['kept']:.0f}% | "
                      f"{r['measured_ms']:.2f} | {r['predicted_ms']:.2f} | "
-                     f"{100 * r['error']:+.1f}% | {r['wall_ms']:.2f} | "
+                     f"{100 * r['error']:+.1f}% | {raw} | {r['wall_ms']:.2f} | "
                      f"{100 * r['wall_error']:+.1f}% |")
     worst = max(abs(r["error"]) for r in rows)
     lines += ["", f"Largest error {100 * worst:.1f}% (limit {100 * LIMIT:.0f}%): "

@@ -183,6 +183,17 @@ def test_allowed_counts_bound_the_gates_the_freeze_and_the_projection(fp_digits,
     assert all(h.pinned_kept in h.allowed for h in net.groups)
 
 
+def test_a_bops_search_with_a_channel_multiple_keeps_multiples_only(fp_digits, small_digits):
+    target = fp_digits["metrics"]["fp_bops"] / 64
+    ckpt = abs_search(fp_digits, small_digits, target, TrainConfig(epochs=1, lr=0.01),
+                      max_prune=0.75, channel_multiple=8)
+    kept = {n: len(d.kept) for n, d in ckpt["decision"].items()}
+    model = model_from_checkpoint(fp_digits)
+    pruned = [n for n, k in kept.items() if k < model.get_submodule(n).weight.shape[0]]
+    assert pruned and all(kept[n] % 8 == 0 for n in pruned), kept
+    assert ckpt["channel_multiple"] == 8
+
+
 def test_fixed_lam_mode_runs_without_a_target(fp_digits, small_digits):
     ckpt = abs_search(fp_digits, small_digits, None, TrainConfig(epochs=1, lr=0.01), lam=0.5,
                       refine_epochs=0)

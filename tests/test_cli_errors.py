@@ -234,6 +234,16 @@ def test_nan_and_inf_are_refused_by_float_options(fp_path, tmp_path, option, val
              f"Invalid value for '{option}'")
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--method", "bsq", "--channel-multiple", "8"], "--channel-multiple is for --method abs"),
+    (["--channel-multiple", "0"], "Invalid value for '--channel-multiple'"),
+])
+def test_a_channel_multiple_off_abs_or_below_one_is_one_line(fp_path, tmp_path, args, words):
+    out = tmp_path / "s.pt"
+    one_line(run("search", fp_path, "--target-bops", "64x", *args, "-o", out), words)
+    assert not out.exists()
+
+
 def test_random_bytes_are_not_a_torch_checkpoint(tmp_path):
     path = tmp_path / "noise.pt"
     path.write_bytes(os.urandom(4096))

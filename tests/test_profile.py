@@ -13,7 +13,14 @@ from abs_deploy.cli import main
 from abs_deploy.export.collapse import collapse
 from abs_deploy.export.kernels import onnxruntime_kernels
 from abs_deploy.export.pipeline import ExportOptions, qcdq_files
-from abs_deploy.export.profile import ProfileOptions, _Model, _tag, grid_counts, layer_pieces
+from abs_deploy.export.profile import (
+    ProfileOptions,
+    _Model,
+    _tag,
+    grid_counts,
+    layer_pieces,
+    table_anchors,
+)
 from abs_deploy.latency_table import LatencyTable
 from abs_deploy.models.registry import arch_record
 
@@ -133,6 +140,29 @@ def test_the_table_records_its_channel_multiple_and_every_count_is_one(lut):
     for sample in table.fit["samples"]:   # the overhead fit's decisions: grid counts only
         for name, (_, _, out_kept, in_kept) in sample["choice"].items():
             assert out_kept in table.grid(name)[0] and in_kept in table.grid(name)[1]
+
+
+def test_a_tables_anchors_are_rebuilt_from_the_table_alone(lut):
+    """What a check of the table times beside its decisions to put them on the table's level:
+    the same pieces the table timed beside every batch (by signature), and the median of
+    those batches' anchor totals."""
+    import statistics
+
+    from abs_deploy.errors import UserError
+    from abs_deploy.export.profile import signature
+
+    table = LatencyTable.load(lut)
+    anchors, level = table_anchors(table)
+    assert sorted(anchors) == sorted({f"anchor {n}" for n in ("stem", "fc", table.layers()[
+        len(table.layers()) // 2])})
+    assert level == statistics.median(table.record["cache"]["batches"])
+    # Pieces the table measured carry these signatures (the anchors are whole-model layers
+    # at the top bits with every channel kept, which the grid holds too).
+    measured = set(table.record["cache"]["measurements"])
+    assert {signature(p) for p in anchors.values()} <= measured
+    bare = LatencyTable({**table.record, "cache": {}}, "bare.json")
+    with pytest.raises(UserError, match="bare.json: the table records no anchor batches"):
+        table_anchors(bare)
 
 
 def test_bad_options_are_one_line():

@@ -117,6 +117,10 @@ _DEFAULTS = {"uniform": (10, 0.01), "abs": (15, 0.01), "bsq": (15, 0.01), "finet
               help="abs: candidate bitwidths, ascending.")
 @click.option("--max-prune", type=FiniteFloat(0, 1, max_open=True), default=0.5,
               show_default=True, help="abs: largest fraction of a layer's filters to remove.")
+@click.option("--channel-multiple", type=click.IntRange(1), default=1, show_default=True,
+              help="abs: keep only multiples of this many channels in each prunable group (or "
+                   "all of them): int8 kernels run other counts much slower (8 for ONNX "
+                   "Runtime on x86). With --lut the table's grid counts are kept instead.")
 @click.option("--resume", is_flag=True,
               help="abs: continue an interrupted search from OUTPUT's .partial state file.")
 @click.option("--alpha", type=FiniteFloat(min=0), default=0.5, show_default=True,
@@ -134,8 +138,9 @@ _DEFAULTS = {"uniform": (10, 0.01), "abs": (15, 0.01), "bsq": (15, 0.01), "finet
 @model_code_options
 @guarded
 def search(checkpoint, method, target_bops, target_latency, lut, target_size, weights, lam,
-           candidates, max_prune, resume, alpha, act_bits, w_bits, a_bits, edge_bits, dataset,
-           data_dir, output, epochs, lr, batch_size, seed, device, workers, sync_bn):
+           candidates, max_prune, channel_multiple, resume, alpha, act_bits, w_bits, a_bits,
+           edge_bits, dataset, data_dir, output, epochs, lr, batch_size, seed, device, workers,
+           sync_bn):
     """Search per-layer bits (and, for abs, pruned filters) from a trained FP checkpoint."""
     check_output(output, [checkpoint] + ([lut] if lut else []))
     resolve_device(device)
@@ -146,6 +151,8 @@ def search(checkpoint, method, target_bops, target_latency, lut, target_size, we
     cands = bits_list(candidates)
     table = _latency_table(lut, fp, cands, edge_bits) if lut else None
     targets = _unit_targets(method, target_latency, table, target_size)
+    if channel_multiple > 1 and method != "abs":
+        raise CliError("--channel-multiple is for --method abs")
     if method == "abs" and target_bops is None and lam is None and not targets:
         raise CliError("abs needs a target (--target-bops, --target-latency or --target-size) "
                        "or --lam for a fixed weight")
@@ -161,7 +168,8 @@ def search(checkpoint, method, target_bops, target_latency, lut, target_size, we
                       seed, sync_bn)
         ckpt = _run_search(method, fp, data, cfg, target, lam, cands, max_prune, alpha,
                            act_bits, w_bits, a_bits, edge_bits, str(state),
-                           {"targets": targets, "lut": table, "weights": weights})
+                           {"targets": targets, "lut": table, "weights": weights,
+                            "channel_multiple": channel_multiple})
         _write(ckpt, output, dist)
     if method == "abs" and dist.is_main:
         state.unlink(missing_ok=True)

@@ -341,6 +341,38 @@ class _Model:
         return bits, kept
 
 
+def _anchor_pieces(m: _Model) -> dict[str, onnx.ModelProto]:
+    """The anchors (`_Run._anchor`): first, middle and last layer of the export at the top
+    bits with every channel kept."""
+    top = max(m.opts.candidates)
+    bits = {n: m.bits_of(n, (top, top)) for n in m.order}
+    kept = {gid: grid[-1] for gid, grid in m.grids.items()}
+    qcdq, _, _ = qcdq_files(collapse(m.checkpoint(bits, kept)), ExportOptions(latency=False))
+    names = dict.fromkeys([m.order[0], m.order[len(m.order) // 2], m.order[-1]])
+    pieces = layer_pieces(qcdq, {n: _tag(bits[n]) for n in names})
+    return {f"anchor {n}": p for n, p in pieces.items()}
+
+
+def table_anchors(table: LatencyTable) -> tuple[dict[str, onnx.ModelProto], float]:
+    """The anchor pieces `table` timed beside every batch, and its level: the median of those
+    batches' anchor totals. Anything timed beside the anchors and scaled by level / their
+    total is on the table's level -- how a check of the table's predictions takes out what
+    the machine's speed did between the table's timing and its own (here it moved by 1.45x
+    within one minute, between two states)."""
+    rec = table.record
+    batches = (rec.get("cache") or {}).get("batches") or []
+    if not batches:
+        raise UserError(f"{table.source}: the table records no anchor batches")
+    opts = ProfileOptions(runtime=table.runtime, batch=table.batch, threads=table.threads,
+                          candidates=table.candidates, edge_bits=table.edge_bits,
+                          max_prune=table.max_prune, grid_points=int(rec["grid_points"]),
+                          channel_multiple=int(rec.get("channel_multiple", 1)),
+                          streams=table.streams)
+    with one_torch_thread():
+        model = _Model(table.model["arch"], [1, *table.model["input_shape"][1:]], opts)
+        return _anchor_pieces(model), float(np.median(batches))
+
+
 def grid_counts(channels: int, max_prune: float, points: int, multiple: int = 1) -> list[int]:
     """The kept counts profiled for a group of `channels`: at most `points` of them, spread from
     the fewest `max_prune` allows to all, each a multiple of `multiple` (rounded up from the
@@ -348,10 +380,8 @@ def grid_counts(channels: int, max_prune: float, points: int, multiple: int = 1)
     spread: the multiple does not fit it, and pruning it at all is the user's call."""
     low = max(1, math.ceil((1 - max_prune) * channels - 1e-9))
     plain = sorted({round(v) for v in np.linspace(low, channels, points)})
-    if multiple <= 1:
-        return plain
-    aligned = sorted({*range(-(-low // multiple) * multiple, channels, multiple), channels})
-    if len(aligned) < 2 <= len(plain):
+    aligned = graph.aligned_counts(channels, low, multiple) if multiple > 1 else []
+    if not aligned:
         return plain
     picks = {min(aligned, key=lambda k: (abs(k - v), k))
              for v in np.linspace(aligned[0], channels, points)}
@@ -621,14 +651,8 @@ class _Run:
         each batch by the anchors puts the whole table on the level of the median batch, so
         layers and bit widths compare as if timed together."""
         if self._anchors is None:
-            m = self.model
-            top = max(self.opts.candidates)
-            bits = {n: m.bits_of(n, (top, top)) for n in m.order}
-            kept = {gid: grid[-1] for gid, grid in m.grids.items()}
-            qcdq, _, _ = self._export(bits, kept, with_original=False)
-            names = dict.fromkeys([m.order[0], m.order[len(m.order) // 2], m.order[-1]])
-            pieces = layer_pieces(qcdq, {n: _tag(bits[n]) for n in names})
-            self._anchors = {f"anchor {n}": p for n, p in pieces.items()}
+            self._anchors = _anchor_pieces(self.model)
+            self.exports += 1
         return self._anchors
 
     def _spread(self) -> list[float]:

@@ -165,6 +165,14 @@ class SuperBitNet:
             if len(grid) > 1:
                 g.allowed = [k for k in grid if k >= fewest[g.id]] or [g.channels]
 
+    def align(self, multiple: int) -> None:
+        """Let every group keep only multiples of `multiple` channels (or all of them), where
+        two such counts fit it; the others keep any count."""
+        if multiple <= 1:
+            return
+        for g in self.groups:
+            g.allowed = graph.aligned_counts(g.channels, self.fewest(g), multiple) or None
+
     @contextlib.contextmanager
     def smallest(self) -> Iterator[None]:
         """Within: the smallest decision the space holds (lowest bits, fewest channels kept);
@@ -378,7 +386,7 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
                swap_samples: int = 0, gains: ControllerGains = RELAY,
                on_step: Callable[[float, float], None] | None = None,
                targets: Sequence[Target] = (), lut: LatencyTable | None = None,
-               weights: str = "int8") -> dict:
+               weights: str = "int8", channel_multiple: int = 1) -> dict:
     """ABS search from an `fp` checkpoint; returns a `searched` checkpoint (method "abs").
 
     `target_bops` (absolute, see `bops.parse_bops`) makes `lam` adapt and the final decision land
@@ -394,7 +402,8 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
     `targets` adds budgets in other units (`costs.Target`: latency from `lut`, the weights'
     stored bytes with export's `weights` storage); with several, the controller drives the one
     the decision exceeds most (`costs.worst_ratio`) and the decision lands in the band of that
-    one, at or under the others."""
+    one, at or under the others. A decision keeps only `channel_multiple` multiples of each
+    group's channels (`SuperBitNet.align`), or, given `lut`, only the counts it measured."""
     if pin_bits is not None:
         target_bops, lam, targets = None, 0.0, ()
     targets = ([Target("bops", target_bops, f"{target_bops:.6g}")]
@@ -405,6 +414,8 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
     costs = bops.layer_costs(model, data.input_shape)
     fp_bops = float(bops.totals(bops.bops_table(costs))["bops"])
     net = _superbit_net(model, data, cands, max_prune, edge_bits, lsq_scale, gate_margin)
+    if lut is None:
+        net.align(channel_multiple)
     _use_costs(net, targets, lut, weights)
     _check_targets(net, targets)
     if pin_bits is not None:
@@ -421,7 +432,7 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
             "arch": fp_ckpt["arch"], "target_bops": target_bops,
             "targets": [t.as_record() for t in targets], "candidates": list(cands),
             "max_prune": max_prune, "edge_bits": edge_bits, "epochs": cfg.epochs,
-            "seed": cfg.seed})
+            "seed": cfg.seed, "channel_multiple": channel_multiple})
     logs = fit(model, data, cfg, method, progress, on_epoch_end, resume)
 
     searched_bops = net.bops().item()
@@ -433,8 +444,8 @@ def abs_search(fp_ckpt: dict, data: Dataset, target_bops: float | None, cfg: Tra
     return searched_checkpoint(fp_ckpt, model, decision, data, list(costs), fp_top1, logs,
                                method="abs", target_bops=target_bops, lam=method.lam,
                                candidates=list(cands), max_prune=max_prune,
-                               search_bops=searched_bops, projection_moves=moves,
-                               swap=swapped, **extra)
+                               channel_multiple=channel_multiple, search_bops=searched_bops,
+                               projection_moves=moves, swap=swapped, **extra)
 
 
 def _check_settings(candidates: Sequence[int], targets: Sequence[Target], lam: float | None,
