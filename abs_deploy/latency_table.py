@@ -80,6 +80,11 @@ def bits_key(w_bits: int, a_bits: int) -> str:
     return f"{int(w_bits)}/{int(a_bits)}"
 
 
+# Anchor scales further apart than this (max / min) get `speed_note`: the table's batches were
+# timed at speeds this different (this VM flips between two states 1.3-1.45x apart).
+SPEED_SPREAD = 1.15
+
+
 class LatencyTable:
     """A finished table (module docstring), as `load` reads it."""
 
@@ -150,6 +155,18 @@ class LatencyTable:
     def overhead(self) -> tuple[float, dict[str, float]]:
         """Constant ms, and per layer ms per kept output channel."""
         return self._constant, dict(self._per_channel)
+
+    def speed_note(self, limit: float = SPEED_SPREAD) -> str | None:
+        """A sentence when the machine's speed moved between the table's timed batches by more
+        than `limit` (the scales its anchors put them on), else None: the table then sits on
+        the median of speeds the machine does not hold for long."""
+        scales = (self.record.get("method") or {}).get("batch_scales") or []
+        if len(scales) != 2 or min(scales) <= 0 or max(scales) / min(scales) <= limit:
+            return None
+        lo, hi = scales
+        return (f"this machine's speed moved {hi / lo:.2f}x between the table's timed batches "
+                f"(anchor scales {lo:g}-{hi:g}); the table sits on their median: relative "
+                "targets (0.5x) hold whatever the speed, a target in ms at that median speed")
 
     def predict_ms(self, choice: Mapping[str, tuple[int, int, int, int]]) -> float:
         """Predicted latency of a decision: layer name -> (w_bits, a_bits, out_kept, in_kept)

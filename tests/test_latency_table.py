@@ -131,3 +131,14 @@ def test_a_streams_table_of_the_old_pieces_is_refused(tmp_path, changes, refused
         assert "\n" not in str(e.value)
     else:
         assert LatencyTable.load(path).streams == changes["streams"]
+
+
+@pytest.mark.parametrize("scales, says", [([0.98, 1.46], "moved 1.49x"), ([0.95, 1.05], None),
+                                          ([], None)])
+def test_a_table_timed_at_different_speeds_says_so(scales, says):
+    table = LatencyTable(record(method={"batch_scales": scales}))
+    note = table.speed_note()
+    if says is None:
+        assert note is None
+    else:
+        assert says in note and "0.98-1.46" in note and "relative targets" in note

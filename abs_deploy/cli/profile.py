@@ -84,6 +84,9 @@ def profile_cmd(model, runtime, batch, threads, clock, candidates, edge_bits, ma
     click.echo(f"FP original {t.fp_original_ms:.3f} ms; overhead {constant:.3f} ms + per "
                f"channel terms, fit on {fit['decisions']} decisions: rms "
                f"{fit['rms_ms']:.3f} ms, max {100 * fit['max_rel']:.1f}%  -> {output}")
+    note = t.speed_note()
+    if note:
+        click.echo(f"note: {note}")
 
 
 def _model(model: str, num_classes: int | None, input_shape: str | None

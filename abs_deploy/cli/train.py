@@ -151,6 +151,10 @@ def search(checkpoint, method, target_bops, target_latency, lut, target_size, we
     cands = bits_list(candidates)
     table = _latency_table(lut, fp, cands, edge_bits) if lut else None
     targets = _unit_targets(method, target_latency, table, target_size)
+    if table is not None and target_latency and target_latency.strip().lower().endswith("ms"):
+        note = table.speed_note()
+        if note:
+            click.echo(f"note: {note}", err=True)
     if channel_multiple > 1 and method != "abs":
         raise CliError("--channel-multiple is for --method abs")
     if method == "abs" and target_bops is None and lam is None and not targets:
