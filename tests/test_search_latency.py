@@ -133,3 +133,18 @@ def test_candidates_the_table_did_not_measure_are_one_line(fp_digits_path, lut, 
 def test_a_search_pruning_below_the_tables_grid_is_one_line(fp_digits_path, lut, tmp_path):
     one_line(run("search", fp_digits_path, "--target-latency", "0.9x", "--lut", lut,
                  "--max-prune", "0.75", *SEARCH, "-o", tmp_path / "s.pt"), "grid for")
+
+
+def test_a_target_in_ms_from_a_table_timed_at_two_speeds_gets_a_note(fp_digits_path, lut,
+                                                                      tmp_path):
+    def two_speeds(record):
+        record["method"]["batch_scales"] = [0.9, 1.3]
+
+    edited = _edited(lut, tmp_path, two_speeds)
+    result = run("search", fp_digits_path, "--target-latency", "0.001ms", "--lut", edited,
+                 *SEARCH, "-o", tmp_path / "s.pt")
+    assert result.exit_code == 2     # and the target is out of reach, which ends it early
+    assert "note: this machine's speed moved 1.44x" in result.stderr
+    relative = run("search", fp_digits_path, "--target-latency", "0.01x", "--lut", edited,
+                   *SEARCH, "-o", tmp_path / "s.pt")
+    assert relative.exit_code == 2 and "note:" not in relative.stderr
