@@ -2,8 +2,8 @@
 float model (batch 32, 1 thread), from ORT's own per-node profile.
 
 The ResNet-20 of `export_resnet20.py --streams` (4/4, half the inner channels pruned, shared
-codes). Both files are built as `abs-export` builds them (`pipeline._Files`; the QCDQ one
-simplified); each runs in its own session with `enable_profiling`, the two taking turns for
+codes). Both files are built as `abs-export` builds them (`pipeline.emitted_files`; the QCDQ
+one simplified); each runs in its own session with `enable_profiling`, the two taking turns for
 `--runs` runs after 10 warm-up; ORT's profile gives every node's kernel time per run. Reported:
 per optimized node type, the median total per run (ms) and its count; the whole run's median
 wall time beside the sum of node times (what is not in any node: the session's own overhead).
@@ -38,15 +38,14 @@ def files() -> dict:
 
     from abs_deploy.checkpoint import load_checkpoint
     from abs_deploy.export.collapse import collapse
-    from abs_deploy.export.pipeline import ExportOptions, _Files, _prune
-    from abs_deploy.export.simplify import simplify
+    from abs_deploy.export.pipeline import ExportOptions, emitted_files
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "streams.pt"
         export_resnet20.build_checkpoint(path, with_streams=True)
         col = collapse(load_checkpoint(path))
-    built = _Files.build(col, _prune(col), {}, ExportOptions(latency=False))
-    return {"qcdq (streams)": simplify(built.qcdq), "pruned float": built.fp32,
+    built = emitted_files(col, ExportOptions(latency=False))
+    return {"qcdq (streams)": built.qcdq, "pruned float": built.fp32,
             "input_shape": col.input_shape}
 
 

@@ -207,16 +207,31 @@ def _check_options(opts: ExportOptions) -> None:
         openvino_runtime.require()
 
 
-def qcdq_files(col: Collapsed, opts: ExportOptions | None = None
-               ) -> tuple[onnx.ModelProto, dict[str, ActQuant], onnx.ModelProto | None]:
-    """The QCDQ model `export_model` writes for `col` (simplified unless `opts.simplify` is
-    off), what each layer's activation quantizer became in it, and the FP original (built
-    when `opts.latency`), without any check: for timing the file as it would be emitted
-    (`abs profile`), where the checks have nothing to check."""
+@dataclass
+class EmittedFiles:
+    """The models `export_model` would write for a collapsed checkpoint, unchecked."""
+
+    qcdq: onnx.ModelProto  # simplified unless the options turn that off
+    fp32: onnx.ModelProto  # the pruned float model
+    original: onnx.ModelProto | None  # the FP original, built when the options time it
+    quant: dict[str, ActQuant]  # layer -> what its activation quantizer became
+
+
+def emitted_files(col: Collapsed, opts: ExportOptions | None = None) -> EmittedFiles:
+    """Every model `export_model` writes for `col`, without any check: for timing or profiling
+    the files as they would be emitted (`abs profile`, the benchmarks), where the checks have
+    nothing to check."""
     opts = opts or ExportOptions()
     files = _Files.build(col, _prune(col), {}, opts)
     qcdq = simplify(files.qcdq) if opts.simplify else files.qcdq
-    return qcdq, files.quant, files.original
+    return EmittedFiles(qcdq, files.fp32, files.original, files.quant)
+
+
+def qcdq_files(col: Collapsed, opts: ExportOptions | None = None
+               ) -> tuple[onnx.ModelProto, dict[str, ActQuant], onnx.ModelProto | None]:
+    """`emitted_files`' QCDQ model, its activation quantizers and the FP original."""
+    files = emitted_files(col, opts)
+    return files.qcdq, files.quant, files.original
 
 
 @dataclass
