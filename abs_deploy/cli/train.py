@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -230,8 +229,8 @@ def finetune(checkpoint, dataset, data_dir, output, streams, stream_codes, grad_
     searched = load_checkpoint(checkpoint, stages=("searched",))
     with training_processes(device) as (dist, device):
         data = dataset_for(searched["input"], data_dir, dataset).on(device, workers)
-        cfg = dataclasses.replace(_config("finetune", epochs, lr, batch_size, seed, sync_bn),
-                                  grad_clip=grad_clip or None)
+        cfg = _config("finetune", epochs, lr, batch_size, seed, sync_bn,
+                      grad_clip=grad_clip or None)
         ckpt = run(searched, data, cfg,
                    progress, epoch_printer("finetune"), with_streams=streams,
                    shared_codes=stream_codes == "shared")
@@ -241,10 +240,11 @@ def finetune(checkpoint, dataset, data_dir, output, streams, stream_codes, grad_
         click.echo(f"-> {output}")
 
 
-def _config(method: str, epochs, lr, batch_size, seed, sync_bn: bool = False) -> TrainConfig:
+def _config(method: str, epochs, lr, batch_size, seed, sync_bn: bool = False,
+            grad_clip: float | None = None) -> TrainConfig:
     default_epochs, default_lr = _DEFAULTS[method]
     return TrainConfig(epochs=epochs or default_epochs, lr=lr or default_lr,
-                       batch_size=batch_size, seed=seed, sync_bn=sync_bn)
+                       batch_size=batch_size, seed=seed, sync_bn=sync_bn, grad_clip=grad_clip)
 
 
 def _target(text: str, fp: dict) -> float:
