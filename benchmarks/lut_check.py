@@ -4,8 +4,8 @@ ResNet-20 on digits32 in ONNX Runtime, batch 32, one thread. `abs profile` build
 (`benchmarks/results/lut_resnet20_ort.json`, reused when it is there and matches); then five
 random decisions, none of them one the table's overhead was fitted on (random (w, a) per layer
 from the candidates, first and last layer 8/8, per prunable channel group a random count of
-the table's grid: multiples of 8 from (1 - max_prune) * C to C, the counts a search with the
-table keeps), are exported with `abs-export`'s own pipeline, timed whole
+the table's grid from (1 - max_prune) * C to C, multiples of 8 for ORT, the counts a search
+with the table keeps), are exported with `abs-export`'s own pipeline, timed whole
 (the five take turns run by run, `export/latency.measure`) and compared with
 `LatencyTable.predict_ms`. Each must be within 15%, by the clock the table was timed with
 (`abs profile` on one thread times runs by the process's CPU time, so other work on the
@@ -39,7 +39,7 @@ from provenance import load_note, provenance, provenance_markdown
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 LIMIT = 0.15
-BATCH, THREADS, CANDIDATES, EDGE, MAX_PRUNE, MULTIPLE = 32, 1, (2, 4, 8), 8, 0.5, 8
+BATCH, THREADS, CANDIDATES, EDGE, MAX_PRUNE = 32, 1, (2, 4, 8), 8, 0.5
 INFLATED = ("Both the table and the whole models were timed under that load, at different "
             "moments; the errors include its changes between them.")
 
@@ -87,6 +87,7 @@ def main() -> None:
     table = LatencyTable.load(lut)
     state["table"] = {"fp_original_ms": table.fp_original_ms, "overhead": table.fit,
                       "clock": table.clock,
+                      "channel_multiple": table.record.get("channel_multiple", 1),
                       "overhead_constant_ms": table.overhead()[0],
                       "runtime": f"{table.runtime} {table.runtime_version}",
                       "machine": table.machine}
@@ -115,8 +116,7 @@ def build_table(lut: Path, runtime: str, streams: bool) -> dict:
            "--input-shape", "3,32,32",
            "--batch", str(BATCH), "--threads", str(THREADS), "--candidates",
            ",".join(map(str, CANDIDATES)), "--edge-bits", str(EDGE), "--max-prune",
-           str(MAX_PRUNE), "--channel-multiple", str(MULTIPLE),
-           *(("--streams",) if streams else ()), "-o", str(lut)]
+           str(MAX_PRUNE), *(("--streams",) if streams else ()), "-o", str(lut)]
     reused = lut.exists()
     load = [round(v, 2) for v in os.getloadavg()]
     t0 = time.perf_counter()
@@ -255,6 +255,10 @@ def _save(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def _counts(multiple: int) -> str:
+    return f"multiples of {multiple}" if multiple > 1 else "counts"
+
+
 def markdown(state: dict, rows: list[dict]) -> str:
     t, p = state["table"], state["profile"]
     fit = t["overhead"]
@@ -275,7 +279,8 @@ def markdown(state: dict, rows: list[dict]) -> str:
              f"{100 * fit['max_rel']:.1f}%.", "",
              f"Five random decisions (bits from {{{', '.join(map(str, CANDIDATES))}}} per "
              f"layer, first/last {EDGE}/{EDGE}, a count of the table's grid per prunable "
-             f"group: multiples of {MULTIPLE} from {100 * (1 - MAX_PRUNE):.0f}% to 100%), "
+             f"group: {_counts(t.get('channel_multiple', 1))} from "
+             f"{100 * (1 - MAX_PRUNE):.0f}% to 100%), "
              "exported with `abs-export`'s pipeline and timed whole, the five and the "
              "table's three anchor pieces taking turns run by run (median of 50 runs after 10 "
              "warm-up), by the table's clock and then by the wall clock. **Measured** is on "

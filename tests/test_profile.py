@@ -128,6 +128,14 @@ def test_grid_counts_are_multiples_spread_over_the_prunable_range(channels, max_
     assert grid_counts(channels, max_prune, points, multiple) == grid
 
 
+def test_the_channel_multiple_is_the_runtimes_unless_given():
+    from abs_deploy.export.profile import channel_multiple
+
+    assert channel_multiple(ProfileOptions(runtime="onnxruntime")) == 8
+    assert channel_multiple(ProfileOptions(runtime="openvino")) == 1
+    assert channel_multiple(ProfileOptions(runtime="openvino", channel_multiple=16)) == 16
+
+
 def test_the_table_records_its_channel_multiple_and_every_count_is_one(lut):
     record = json.loads(lut.read_text())
     assert record["channel_multiple"] == 8

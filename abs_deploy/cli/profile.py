@@ -41,10 +41,10 @@ RUNTIME_NAMES = {"ort": "onnxruntime", "openvino": "openvino"}
               show_default=True, help="Kept channels are profiled from (1 - this) * C to C.")
 @click.option("--grid-points", type=click.IntRange(1, 8), default=4, show_default=True,
               help="Kept-channel counts profiled per prunable side of a layer.")
-@click.option("--channel-multiple", type=click.IntRange(1), default=8, show_default=True,
+@click.option("--channel-multiple", type=click.IntRange(1), default=None,
               help="Profile (and so let a search keep) only channel counts that are multiples "
-                   "of this, or a layer's full count: int8 kernels run other counts much "
-                   "slower. 1: any count.")
+                   "of this, or a layer's full count. Default: 8 for ort (its int8 kernels run "
+                   "other counts much slower here), 1 (any count) for openvino.")
 @click.option("--streams", is_flag=True,
               help="Profile exports with residual-stream quantizers (abs finetune --streams).")
 @click.option("--num-classes", type=click.IntRange(1), default=None,

@@ -39,10 +39,12 @@ re-measured. The overhead is fitted on `fit_decisions` decisions with random bit
 counts a search with the table keeps); exported and timed whole, taking turns with the FP
 original.
 
-The kept-channel grid holds multiples of `channel_multiple` (8 by default, and the layer's own
-count): ONNX Runtime's int8 convolutions here run a count that is not one much slower than the
-multiple above it, a cliff no interpolation between grid points can see, so the search keeps
-only counts the table measured (`abs_search.SuperBitNet.snap_to`).
+The kept-channel grid holds multiples of `channel_multiple` (by default 8 for ONNX Runtime, 1
+for OpenVINO; and the layer's own count): ONNX Runtime's int8 convolutions here run a count
+that is not one much slower than the multiple above it, a cliff no interpolation between grid
+points can see, so the search keeps only counts the table measured
+(`abs_search.SuperBitNet.snap_to`). OpenVINO showed no such cliff
+(`benchmarks/results/channel_alignment*.md`).
 
 On one thread, runs are timed by the process's CPU time (`latency.measure`, clock="cpu"): it
 is the latency of the same run on an idle machine, and other work on a shared machine then
@@ -91,6 +93,15 @@ ORDER = ("the pieces new in one export take turns run by run, as do the whole mo
          "batches divided by its own")
 
 
+# The kept-channel multiple a runtime's kernels want. ORT's int8 convs on this CPU run a count
+# off a multiple of 8 much slower than the multiple above it (a ResNet-20 layer1 conv: 13
+# outputs 2.45 ms, 16 outputs 1.44; the whole model with 60% of each inner group kept, 10/19/38
+# channels, 1.16x the unpruned model's time, with those counts rounded up to 16/24/40 0.86x:
+# results/channel_alignment.md); OpenVINO showed no such step (channel_alignment_openvino.md:
+# 0.87x and 0.89x), so its grid stays the plain spread.
+CHANNEL_MULTIPLE = {"onnxruntime": 8, "openvino": 1}
+
+
 @dataclass
 class ProfileOptions:
     runtime: str = "onnxruntime"
@@ -101,12 +112,9 @@ class ProfileOptions:
     edge_bits: int | None = 8  # first and last layer; None: like the others
     max_prune: float = 0.5
     grid_points: int = 4  # kept counts per prunable side, from (1 - max_prune) * C to C
-    # Grid counts are multiples of this (C itself always in): ORT's int8 convs on this CPU
-    # run a channel count off a multiple of 8 much slower than the multiple above it (a
-    # ResNet-20 layer1 conv: 13 outputs 2.45 ms, 16 outputs 1.44; the whole model with 60% of
-    # each inner group kept 22.7 ms, with those counts rounded up to multiples of 8 19.0, and
-    # unpruned 20.0), and a latency search keeps only counts its table measured. 1: any count.
-    channel_multiple: int = 8
+    # Grid counts are multiples of this (C itself always in); None: the runtime's
+    # (`CHANNEL_MULTIPLE`). 1: any count.
+    channel_multiple: int | None = None
     streams: bool = False  # residual-stream quantizers (streams.py) in every export
     runs: int = MIN_RUNS
     warmup: int = WARMUP
@@ -161,9 +169,16 @@ def _check_options(opts: ProfileOptions) -> None:
     if opts.clock not in ("auto", *CLOCKS):
         raise UserError(f"clock must be auto, {' or '.join(CLOCKS)}, got {opts.clock!r}")
     if (opts.grid_points < 1 or opts.batch < 1 or opts.threads < 1 or opts.fit_decisions < 2
-            or opts.channel_multiple < 1):
+            or (opts.channel_multiple is not None and opts.channel_multiple < 1)):
         raise UserError("grid points, channel multiple, batch and threads must be positive, "
                         "fit decisions >= 2")
+
+
+def channel_multiple(opts: ProfileOptions) -> int:
+    """The multiple the grid's kept counts take: the option, else the runtime's own."""
+    if opts.channel_multiple is not None:
+        return opts.channel_multiple
+    return CHANNEL_MULTIPLE.get(opts.runtime, 1)
 
 
 def clock_for(opts: ProfileOptions) -> str:
@@ -227,7 +242,7 @@ class _Model:
             if opts.streams else {}
         self.colour = self._colour()
         self.grids = {gid: grid_counts(g.channels, opts.max_prune, opts.grid_points,
-                                       opts.channel_multiple)
+                                       channel_multiple(opts))
                       for gid, g in self.groups.items()}
 
     @torch.no_grad()
@@ -678,7 +693,7 @@ class _Run:
                             "in_grid": in_grid, "values": values})
         st.record.update({
             "max_prune": self.opts.max_prune, "grid_points": self.opts.grid_points,
-            "channel_multiple": self.opts.channel_multiple,
+            "channel_multiple": channel_multiple(self.opts),
             "method": {"warmup": self.opts.warmup, "runs": self.runs, "statistic": "median",
                        "clock": clock_for(self.opts), "order": ORDER,
                        "batch_scales": self._spread()},
