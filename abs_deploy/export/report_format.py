@@ -243,5 +243,7 @@ def float_accuracy_row(acc: dict) -> tuple[str, float, str]:
     model (reports written before it existed show the checkpoint's weights in float)."""
     if "pruned_float" in acc:
         return ("pruned float model (model.fp32.onnx)", acc["pruned_float"],
-                "the decision's filters removed, BN folded, no quantizer")
+                "the decision's filters removed, BN folded, no quantizer: weights fine-tuned "
+                "with their quantizers can be near chance here, and the file then serves as "
+                "a speed reference only")
     return "checkpoint weights in float", acc["float_weights"], "no quantizer, no mask"
