@@ -152,8 +152,8 @@ def search(checkpoint, method, target_bops, target_latency, lut, target_size, we
     targets = _unit_targets(method, target_latency, table, target_size)
     if table is not None and target_latency and target_latency.strip().lower().endswith("ms"):
         note = table.speed_note()
-        if note:
-            click.echo(f"note: {note}", err=True)
+        if note:     # on stdout: an error after it stays the one line on stderr
+            click.echo(f"note: {note}")
     if channel_multiple > 1 and method != "abs":
         raise CliError("--channel-multiple is for --method abs")
     if method == "abs" and target_bops is None and lam is None and not targets:
