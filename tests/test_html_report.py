@@ -84,8 +84,8 @@ def _report(rows: list[dict] | None = None) -> dict:
         "layers": rows,
         "totals": report.totals(rows, fp_params, sum(r["params"] for r in rows), None, 123456),
         "accuracy": {"fp_original": 0.92, "fp_source": "checkpoint", "float_weights": 0.11,
-                     "pruned_float": 0.913, "reference": 0.905, "ort": 0.905,
-                     "ort_unoptimized": 0.905, "images": 512},
+                     "pruned_float": 0.913, "pruned_float_clipped": True, "reference": 0.905,
+                     "ort": 0.905, "ort_unoptimized": 0.905, "images": 512},
         "checkpoint_metrics": {"top1": 0.905},
         "parity": {"pruning": {"logits_rel": 0.0, "onnx_logits_rel": 3e-7,
                                "worst_layer": rows[1]["name"], "worst_layer_rel": 0.0},
@@ -291,6 +291,12 @@ def test_accuracy_shows_the_pruned_float_model_not_the_unmasked_weights():
     for text in (render(rep), md_report.markdown(rep)):
         assert "pruned float model (model.fp32.onnx)" in text and "91.30%" in text
         assert "11.00%" not in text and "no mask" not in text
+        assert "clipped to its range" in text and "speed reference" not in text
+    # Written before model.fp32.onnx clipped its activations: its row says what it was.
+    del rep["accuracy"]["pruned_float_clipped"]
+    for text in (render(rep), md_report.markdown(rep)):
+        assert "91.30%" in text and "speed reference only" in text
+        assert "clipped to its range" not in text
     del rep["accuracy"]["pruned_float"]
     for text in (render(rep), md_report.markdown(rep)):
         assert "checkpoint weights in float" in text and "11.00%" in text

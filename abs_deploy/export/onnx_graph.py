@@ -4,8 +4,11 @@ torch.export ATen graph (graph.capture).
 The same translation makes all three files: the FP original and the pruned float model (no
 `integer` layers given) and the QCDQ model (each decided layer's Conv/Gemm reads the Q/DQ/Clip
 nodes and integer initializers of `qdq.py`, taken from the integer reference layer of the same
-name). torch's own ONNX exporter is not used: its TorchScript path is deprecated in torch 2.9+
-and the dynamo path needs onnxscript, and neither would give the layer-named QDQ nodes we want.
+name). The pruned float model is given `float_clips` (collapse.py): a float Clip where the QCDQ
+model quantizes, the same model without its rounding.
+
+torch's own ONNX exporter is not used: its TorchScript path is deprecated in torch 2.9+ and the
+dynamo path needs onnxscript, and neither would give the layer-named QDQ nodes we want.
 
 An op this file does not know is a `UserError` naming it (fail closed, never a silent guess).
 The batch dimension is dynamic (`N`): the graph is traced at batch 2 and a reshape that repeats
@@ -50,15 +53,17 @@ def capture(model: nn.Module, input_shape: list[int]) -> torch.export.ExportedPr
 
 def build_onnx(ep: torch.export.ExportedProgram, input_shape: list[int], *, opset: int = 21,
                integer: Mapping[str, nn.Module] | None = None, weights: str = "int8",
+               float_clips: Mapping[str, tuple[float, float]] | None = None,
                metadata: Mapping[str, str] | None = None, name: str = "abs_deploy") -> Built:
     """The ONNX model of a captured module (see module docstring), checked with the full
-    checker. `integer` maps layer names to the integer reference layers to quantize with."""
+    checker. `integer` maps layer names to the integer reference layers to quantize with;
+    `float_clips` layer or stream names not among them to the float range to clip them to."""
     if not MIN_OPSET <= opset <= onnx.defs.onnx_opset_version():
         raise UserError(f"opset {opset} is not supported: use {MIN_OPSET}.."
                         f"{onnx.defs.onnx_opset_version()}")
     if weights == "int4" and opset < 21:
         raise UserError(f"--weights int4 needs opset 21 or later, got {opset}")
-    t = _Translator(ep, dict(integer or {}), weights, opset)
+    t = _Translator(ep, dict(integer or {}), weights, opset, dict(float_clips or {}))
     t.run()
     t.shared_inputs()
     out_val = t.output_node.meta["val"]
@@ -127,9 +132,12 @@ def _clamp_bounds(node: Node) -> tuple[float | None, float | None] | None:
 
 class _Translator:
     def __init__(self, ep: torch.export.ExportedProgram, integer: dict[str, nn.Module],
-                 weights: str, opset: int) -> None:
+                 weights: str, opset: int, float_clips: dict[str, tuple[float, float]]
+                 ) -> None:
         self.ep = ep
         self.integer = integer
+        self.float_clips = float_clips
+        self.clips_made: dict[tuple[str, float, float], str] = {}  # one Clip per tensor+range
         self.weights = weights
         self.opset = opset
         self.b = GraphBuilder()
@@ -269,7 +277,8 @@ class _Translator:
         layer = self._layer_of(w)
         m = self.integer.get(layer) if layer is not None else None
         if m is None:
-            names = [self._t(x), self._t(w)] + ([self._t(b)] if b is not None else [])
+            x_name = self._float_clip(x, layer) if layer in self.float_clips else self._t(x)
+            names = [x_name, self._t(w)] + ([self._t(b)] if b is not None else [])
             return names, layer or node.name
         lq = m.lq
         if lq.a_quantized:
@@ -349,14 +358,28 @@ class _Translator:
 
     def _stream_quant(self, node: Node) -> str:
         """A residual-stream quantizer (streams.py): Q/[Clip]/DQ on the tensor itself, which all
-        its readers then read; identity in the float files (no integer twin given)."""
+        its readers then read; in the float files a float Clip to its range (`float_clips`)
+        or, in the FP original, identity."""
         name = node.args[1]
         m = self.integer.get(name)
         if m is None:
+            if name in self.float_clips:
+                return self._float_clip(node.args[0], name)
             return self._t(node.args[0])
         aq = self._quantize(node.args[0], m)
         self.quant[name] = aq
         return aq.output
+
+    def _float_clip(self, x: Node, name: str) -> str:
+        """`x` clamped to the float range of quantizer `name`; readers of the same tensor and
+        range share one Clip (a tensor two layers read with the same quantizer)."""
+        lo, hi = self.float_clips[name]
+        src = self._t(x)
+        key = (src, lo, hi)
+        if key not in self.clips_made:
+            ins = [src, self._const(f"{name}.clip_min", lo), self._const(f"{name}.clip_max", hi)]
+            self.clips_made[key] = self.b.node("Clip", ins, f"{name}.clip")
+        return self.clips_made[key]
 
     def _batch_norm(self, node: Node) -> object:
         x, w, b, mean, var = node.args[:5]

@@ -21,7 +21,7 @@ from abs_deploy.checkpoint import load_checkpoint
 from abs_deploy.data import Dataset, dataset_for
 from abs_deploy.errors import UserError
 from abs_deploy.export import openvino_runtime, ort_format, report, targets
-from abs_deploy.export.collapse import Collapsed, collapse
+from abs_deploy.export.collapse import Collapsed, clipped, collapse
 from abs_deploy.export.errors import ExportFailed
 from abs_deploy.export.kernels import Kernels, onnxruntime_kernels, openvino_kernels
 from abs_deploy.export.latency import MIN_RUNS, WARMUP, Timing, all_threads, measure
@@ -261,7 +261,7 @@ class _Files:
               opts: ExportOptions) -> _Files:
         # One capture of the pruned float model serves both files made from it.
         ep = capture(pruned.float_model, col.input_shape)
-        fp32 = build_onnx(ep, col.input_shape, opset=opts.opset,
+        fp32 = build_onnx(ep, col.input_shape, opset=opts.opset, float_clips=col.clips,
                           metadata={**meta, "abs_deploy.kind": "fp32-pruned"}).model
         integer = {n: pruned.reference.get_submodule(n) for n in [*col.layers, *col.streams]}
         qcdq = build_onnx(ep, col.input_shape, opset=opts.opset, integer=integer,
@@ -285,14 +285,16 @@ class _Checks:
 
 def _validate(col: Collapsed, pruned: _Pruned, files: _Files, batches: Batches,
               progress: Progress, runtimes: tuple[str, ...] = ()) -> _Checks:
-    pruning = check_pruning(col.masked_float, pruned.float_model, files.fp32, col.layers,
-                            batches, progress)
+    # model.fp32.onnx clips where the QCDQ model quantizes; its PyTorch twins do the same.
+    masked, pruned_float = clipped(col.masked_float, col.clips), \
+        clipped(pruned.float_model, col.clips)
+    pruning = check_pruning(masked, pruned_float, files.fp32, col.layers, batches, progress)
     qcdq = check_qcdq(files.qcdq, files.quant, pruned.reference, batches, progress, runtimes)
     failures = [f for f in (pruning.failure, *qcdq.failures) if f]
     if failures:
         raise ExportFailed(" | ".join(failures))
     return _Checks(pruning, qcdq.reference_accuracy, qcdq.off, qcdq.full,
-                   accuracy(col.original, batches), accuracy(pruned.float_model, batches),
+                   accuracy(col.original, batches), accuracy(pruned_float, batches),
                    qcdq.others)
 
 

@@ -47,14 +47,17 @@ class Accuracy:
     # filters come back with whatever weights they were left with. The reports show
     # `pruned_float` instead and keep this in the JSON.
     float_weights: float
-    # The pruned float model, the file model.fp32.onnx. After a fine-tune it can be near
-    # chance (10-20% for the stream ResNet-20s of latency_search, 59% on Fashion-MNIST): the
-    # weights were trained through their quantizers, so it is a speed reference, not a model.
+    # The pruned float model, the file model.fp32.onnx: float weights, each quantized
+    # activation clipped to its range, no rounding.
     pruned_float: float
     reference: float
     ort: float
     ort_unoptimized: float
     images: int
+    # Reports written before model.fp32.onnx clipped its activations lack this: their pruned
+    # float model ran unclipped and could be near chance after a fine-tune (10-20% on the
+    # stream ResNet-20s of latency_search).
+    pruned_float_clipped: bool = True
 
 
 def layer_rows(layers: dict[str, LayerQuant], costs: list[bops.LayerCost],

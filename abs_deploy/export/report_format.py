@@ -241,6 +241,10 @@ def bits(b: int) -> str:
 def float_accuracy_row(acc: dict) -> tuple[str, float, str]:
     """The accuracy row between the FP original and the integer reference: the pruned float
     model (reports written before it existed show the checkpoint's weights in float)."""
+    if acc.get("pruned_float_clipped"):
+        return ("pruned float model (model.fp32.onnx)", acc["pruned_float"],
+                "the decision's filters removed, BN folded, float weights, each quantized "
+                "activation clipped to its range: the QCDQ model without its rounding")
     if "pruned_float" in acc:
         return ("pruned float model (model.fp32.onnx)", acc["pruned_float"],
                 "the decision's filters removed, BN folded, no quantizer: weights fine-tuned "
