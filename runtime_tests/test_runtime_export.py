@@ -142,6 +142,14 @@ def test_the_pruned_float_file_computes_the_qcdq_model_without_rounding(datasets
         ckpt["state_dict"][key] = ckpt["state_dict"][key] / 4
     path = save_checkpoint(ckpt, tmp_path / "model.pt")
     result = export_model(path, ExportOptions(max_images=128, latency=False))
+    # A layer that shares a stream's codes reads the stream's Clip, not a second one.
+    fp32 = onnx.load(result.files["fp32"])
+    inits = {i.name: float(onnx.numpy_helper.to_array(i)) for i in fp32.graph.initializer
+             if not i.dims}
+    clips = {n.output[0]: n for n in fp32.graph.node if n.op_type == "Clip"}
+    bounds = {o: (inits[n.input[1]], inits[n.input[2]]) for o, n in clips.items()}
+    assert clips and not [n.name for n in clips.values()
+                          if bounds.get(n.input[0]) == bounds[n.output[0]]]
     x = next(iter(data.batches("test", 128)))[0].numpy()
     logits = {k: session(onnx.load(result.files[k])).run(None, {"input": x})[0]
               for k in ("onnx", "fp32")}

@@ -138,6 +138,7 @@ class _Translator:
         self.integer = integer
         self.float_clips = float_clips
         self.clips_made: dict[tuple[str, float, float], str] = {}  # one Clip per tensor+range
+        self.clip_range: dict[str, tuple[float, float]] = {}  # a float Clip's output -> range
         self.weights = weights
         self.opset = opset
         self.b = GraphBuilder()
@@ -371,14 +372,20 @@ class _Translator:
         return aq.output
 
     def _float_clip(self, x: Node, name: str) -> str:
-        """`x` clamped to the float range of quantizer `name`; readers of the same tensor and
-        range share one Clip (a tensor two layers read with the same quantizer)."""
+        """`x` clamped to the float range of quantizer `name`. Readers of the same tensor and
+        range share one Clip (a tensor two layers read with the same quantizer), and a tensor
+        already clipped within the range is read as it is (a layer sharing a stream's codes,
+        as `_same_stream_quant` in the QCDQ file)."""
         lo, hi = self.float_clips[name]
         src = self._t(x)
+        made = self.clip_range.get(src)
+        if made is not None and lo <= made[0] and made[1] <= hi:
+            return src
         key = (src, lo, hi)
         if key not in self.clips_made:
             ins = [src, self._const(f"{name}.clip_min", lo), self._const(f"{name}.clip_max", hi)]
-            self.clips_made[key] = self.b.node("Clip", ins, f"{name}.clip")
+            out = self.clips_made[key] = self.b.node("Clip", ins, f"{name}.clip")
+            self.clip_range[out] = (lo, hi)
         return self.clips_made[key]
 
     def _batch_norm(self, node: Node) -> object:
