@@ -150,10 +150,6 @@ def search(checkpoint, method, target_bops, target_latency, lut, target_size, we
     cands = bits_list(candidates)
     table = _latency_table(lut, fp, cands, edge_bits) if lut else None
     targets = _unit_targets(method, target_latency, table, target_size)
-    if table is not None and target_latency and target_latency.strip().lower().endswith("ms"):
-        note = table.speed_note()
-        if note:     # on stdout: an error after it stays the one line on stderr
-            click.echo(f"note: {note}")
     if channel_multiple > 1 and method != "abs":
         raise CliError("--channel-multiple is for --method abs")
     if method == "abs" and target_bops is None and lam is None and not targets:
@@ -165,6 +161,10 @@ def search(checkpoint, method, target_bops, target_latency, lut, target_size, we
     if method == "abs" and resume and state.exists():
         load_checkpoint(state, stages=("searched",))  # an input too: refused before any work
     target = _target(target_bops, fp) if target_bops else None
+    if table is not None and target_latency and target_latency.strip().lower().endswith("ms"):
+        note = table.speed_note()
+        if note:     # after every check of the inputs: a refused search prints only its error
+            click.echo(f"note: {note}")
     with training_processes(device) as (dist, device):
         data = dataset_for(fp["input"], data_dir, dataset).on(device, workers)
         cfg = _config("uniform" if method == "uniform" else method, epochs, lr, batch_size,
