@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import random
@@ -32,7 +31,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from provenance import load_note, provenance, provenance_markdown
+from provenance import load_note, provenance, provenance_markdown, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -145,9 +144,7 @@ def main() -> None:
               "runtime": args.runtime, "rounds": args.rounds, "counts": counts,
               "times": times}
     result["load_note"] = load_note(prov, list(os.getloadavg()), INFLATED)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(RESULTS, stem, result, markdown(result))
 
 
 if __name__ == "__main__":

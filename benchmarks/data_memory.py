@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from provenance import load_note, provenance, provenance_markdown
+from provenance import load_note, provenance, provenance_markdown, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CLASSES = 10
@@ -76,9 +76,7 @@ def main() -> None:
                            "batch_size": args.batch_size, "model": "digits_cnn (in_chans=3)",
                            "threads": 1},
               "rows": rows}
-    (RESULTS / "data_memory.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / "data_memory.md").write_text(_markdown(result))
-    print((RESULTS / "data_memory.md").read_text())
+    write_results(RESULTS, "data_memory", result, _markdown(result))
 
 
 def make_folder(root: Path, count: int) -> Path:

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from provenance import load_note, provenance, provenance_markdown
+from provenance import load_note, provenance, provenance_markdown, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -104,9 +104,7 @@ def main() -> None:
     stem = ("export_resnet20" + ("_openvino" if args.openvino else "")
             + ("_int4" if args.weights == "int4" else "")
             + (STREAM_STEMS[args.stream_codes] if args.streams else ""))
-    (args.results / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.results / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.results, stem, result, markdown(result))
 
 
 STREAM_STEMS = {"shared": "_streams", "8bit": "_streams8"}

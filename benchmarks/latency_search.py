@@ -42,7 +42,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from provenance import load_note, provenance, provenance_markdown
+from provenance import load_note, provenance, provenance_markdown, write_results
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -329,9 +329,7 @@ def main() -> None:
               "settings": vars(args) | SETTING, "runs": runs,
               "same_run": one_table(runs, args.rounds)}
     result["load_note"] = load_note(prov, list(os.getloadavg()), INFLATED)
-    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / f"{stem}.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(RESULTS, stem, result, markdown(result))
 
 
 if __name__ == "__main__":

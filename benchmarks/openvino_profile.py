@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import statistics
 import sys
@@ -40,7 +39,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 from onnx import numpy_helper as nh
-from provenance import load_note, provenance, provenance_markdown
+from provenance import load_note, provenance, provenance_markdown, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -73,9 +72,7 @@ def main() -> None:
     result["streams"] = streams_workarounds(files["streams"], args.runs)
     result["load_avg_end"] = [round(v, 2) for v in os.getloadavg()]
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "openvino_profile.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.results / "openvino_profile.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.results, "openvino_profile", result, markdown(result))
 
 
 def export_files(work: Path) -> dict[str, Path]:

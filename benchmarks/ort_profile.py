@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from provenance import load_note, provenance, provenance_markdown
+from provenance import load_note, provenance, provenance_markdown, write_results
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -131,9 +131,7 @@ def main() -> None:
               "models": models}
     result["load_note"] = load_note(prov, list(os.getloadavg()),
                                     "Times are inflated by the other work; compare the two.")
-    (RESULTS / "ort_profile.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / "ort_profile.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(RESULTS, "ort_profile", result, markdown(result))
 
 
 if __name__ == "__main__":

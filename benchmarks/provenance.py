@@ -2,9 +2,10 @@
 
 Every result writer in `benchmarks/` calls `provenance()` when it starts (the load average is
 the one the measurements began under) and stores the dict in its .json and
-`provenance_markdown()` of it in its .md (`load_note()` adds a sentence on the load):
+`provenance_markdown()` of it in its .md (`load_note()` adds a sentence on the load), and
+writes both with `write_results()`:
 
-    from provenance import provenance, provenance_markdown
+    from provenance import provenance, provenance_markdown, write_results
 
 Scripts here are run as `python benchmarks/x.py`, so this directory is on `sys.path`.
 Standard library only: git through `subprocess`, versions through `importlib.metadata`.
@@ -12,6 +13,7 @@ Standard library only: git through `subprocess`, versions through `importlib.met
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
@@ -28,6 +30,17 @@ PACKAGES = ("torch", "onnx", "onnxruntime", "onnxsim", "numpy", "openvino")
 # Code that can change a result. benchmarks/results/ is excluded: a run overwrites tracked
 # result files, and the next run must not call the code dirty because of that.
 CODE_PATHS = ("abs_deploy", "benchmarks", ":(exclude)benchmarks/results")
+
+
+def write_results(folder: Path, stem: str, result: dict, markdown: str) -> None:
+    """`stem.json` and `stem.md` in `folder`, each written whole (a temporary name, then
+    renamed: an interrupted run leaves the previous files), and the markdown printed."""
+    for name, text in ((f"{stem}.json", json.dumps(result, indent=1) + "\n"),
+                       (f"{stem}.md", markdown)):
+        tmp = folder / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, folder / name)
+    print(markdown)
 
 
 def provenance(threads: int | None = None) -> dict:

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from provenance import load_note, provenance, provenance_markdown
+from provenance import load_note, provenance, provenance_markdown, write_results
 
 from abs_deploy.export import openvino_runtime
 from abs_deploy.export.kernels import onnxruntime_kernels, openvino_kernels
@@ -157,9 +157,7 @@ def main() -> None:
               "batch": BATCH, "threads": THREADS, "warmup": WARMUP, "runs": args.runs,
               "rows": rows, "load_avg_end": [round(v, 2) for v in os.getloadavg()]}
     args.results.mkdir(parents=True, exist_ok=True)
-    (args.results / "runtime_graphs.json").write_text(json.dumps(result, indent=1) + "\n")
-    (args.results / "runtime_graphs.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.results, "runtime_graphs", result, markdown(result))
 
 
 def markdown(r: dict) -> str:

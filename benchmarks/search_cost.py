@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from provenance import load_note, provenance, provenance_markdown
+from provenance import load_note, provenance, provenance_markdown, write_results
 from torch import nn
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -171,9 +171,7 @@ def main() -> None:
     result = {"commit": prov["commit"], "command": prov["command"], "provenance": prov,
               "load_avg_end": [round(v, 2) for v in os.getloadavg()],
               "rows": rows, "ratios": summary}
-    (RESULTS / "search_cost.json").write_text(json.dumps(result, indent=1) + "\n")
-    (RESULTS / "search_cost.md").write_text(_markdown(result, args))
-    print((RESULTS / "search_cost.md").read_text())
+    write_results(RESULTS, "search_cost", result, _markdown(result, args))
 
 
 def _ratios(rows: list[dict], datasets: list[str]) -> dict:
