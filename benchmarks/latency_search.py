@@ -159,6 +159,7 @@ def stages(args: argparse.Namespace) -> dict:
         metrics = load(ft)["metrics"]
         out[name] = {"checkpoint": ft.name, "searched_top1": load(ckpt)["metrics"]["top1"],
                      "top1": metrics["top1"], "val_top1": metrics.get("val_top1"),
+                     "test_images": metrics.get("splits", {}).get("test_images"),
                      "fp_top1": metrics["fp_top1"], "report": _report_part(reports[0]),
                      "exports": [_own_latency(r) for r in reports]}
     return out
@@ -215,6 +216,12 @@ def _fp_original():
             col.input_shape)
 
 
+def _images(r: dict) -> str:
+    """` (N images: one image is P points)` from the checkpoints' records, when they have it."""
+    n = next((v.get("test_images") for v in r["runs"].values() if v.get("test_images")), None)
+    return f" ({n} images: one image is {100 / n:.2g} points)" if n else ""
+
+
 def markdown(r: dict) -> str:
     same = {t["model"]: t["median_ms"] for t in r["same_run"]}
     dataset = r["settings"].get("dataset", "digits32")
@@ -238,9 +245,8 @@ def markdown(r: dict) -> str:
               "turns run by run; the table gives the median of the rounds. Round by round "
               "(ms): " + "; ".join(f"{m} " + ", ".join(f"{v:.2f}" for v in vals)
                                    for m, vals in spread.items()) + ".", "",
-              f"Float original: {same['fp_original']:.2f} ms. Top-1 on the test split (360 "
-              "images: one image is 0.28 points); the fine-tune's epoch was chosen on the "
-              "validation split.", "",
+              f"Float original: {same['fp_original']:.2f} ms. Top-1 on the test split"
+              f"{_images(r)}; the fine-tune's epoch was chosen on the validation split.", "",
               *verdicts(r, same), "", r["load_note"], "", provenance_markdown(r["provenance"])]
     return "\n".join(lines) + "\n"
 
