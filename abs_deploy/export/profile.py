@@ -96,7 +96,7 @@ ORDER = ("the pieces new in one export take turns run by run, as do the whole mo
 # The kept-channel multiple a runtime's kernels want. ORT's int8 convs on this CPU run a count
 # off a multiple of 8 much slower than the multiple above it (a ResNet-20 layer1 conv: 13
 # outputs 2.45 ms, 16 outputs 1.44; the whole model with 60% of each inner group kept, 10/19/38
-# channels, 1.16x the unpruned model's time, with those counts rounded up to 16/24/40 0.86x:
+# channels, 1.18x the unpruned model's time, with those counts rounded up to 16/24/40 0.86x:
 # results/channel_alignment.md); OpenVINO showed no such step (channel_alignment_openvino.md:
 # 0.87x and 0.89x), so its grid stays the plain spread.
 CHANNEL_MULTIPLE = {"onnxruntime": 8, "openvino": 1}
