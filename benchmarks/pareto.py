@@ -26,7 +26,9 @@ Runs:
 - ABS at point `4/4`: its target is the BOPs of uniform 4/4 itself (first/last layer 8/8 puts
   that at 57x, not 64x), the comparison at exactly equal cost;
 - `abs-swap`: ABS at `--ablation-target` followed by the opt-in equal-BOPs swap step
-  (`abs_search.swap`), which re-scores the decision's neighbours on validation data.
+  (`abs_search.swap`), which re-scores the decision's neighbours on validation data;
+- ablation `abs-noprune`: ABS at the BOPs of uniform 4/4 with `max_prune` 0, so only bits move:
+  against `abs` at 4/4 it separates what the pruning side of the decision costs or gains.
 
 `--rerun KEY,...` (e.g. `abs_64x_s0`) trains cached runs again, with the code checked out now,
 into `results/pareto/reruns/`; the table compares each with its cached run, which shows whether
@@ -71,7 +73,8 @@ NAMES = {"uniform": "uniform QAT", "abs": "ABS", "ptq": "prune-then-quantize", "
          "abs-pinned": "ablation: ABS path pinned", "abs-pinned-nolsq":
          "ablation: ABS path pinned, no LSQ clip scale", "abs-nolsq":
          "ablation: ABS, no LSQ clip scale", "abs-decision-fp":
-         "ablation: ABS decision, FP weights", "abs-swap": "ABS + equal-BOPs swap step"}
+         "ablation: ABS decision, FP weights", "abs-swap": "ABS + equal-BOPs swap step",
+         "abs-noprune": "ablation: ABS, bits only (nothing pruned)"}
 
 
 @dataclass(frozen=True)
@@ -170,7 +173,8 @@ def plan(seeds: list[int], targets: list[str], uniform: list[str], ablation_targ
     t0 = ablation_target
     key_points = [("abs", t0), ("uniform", "4/4"), ("ptq", t0), ("abs-pinned", "4/4"),
                   ("abs-pinned-nolsq", "4/4"), ("abs-nolsq", t0), ("abs-decision-fp", t0)]
-    rest = ([("abs", "4/4"), ("abs-swap", t0)] + [("abs", t) for t in targets if t != t0]
+    rest = ([("abs", "4/4"), ("abs-noprune", "4/4"), ("abs-swap", t0)]
+            + [("abs", t) for t in targets if t != t0]
             + [("uniform", f"{b}/{b}") for b in uniform if b != "4"]
             + [("ptq", t) for t in targets if t != t0] + [("bsq", t) for t in targets])
     jobs = [Job(m, p, s) for points in (key_points, rest) for s in seeds for m, p in points]
@@ -305,10 +309,11 @@ def run_one(job: Job, budget: Budget, fp_path: str, dep_row: dict | None) -> dic
                          batch_size=budget.batch_size, seed=job.seed)
     space = _Space(fp, data)
     extra: dict = {}
-    if job.method in ("abs", "abs-nolsq", "abs-swap"):
+    if job.method in ("abs", "abs-nolsq", "abs-swap", "abs-noprune"):
         target = (space.bops(tuple(int(v) for v in job.point.split("/")), 0.0)
                   if "/" in job.point else bops.parse_bops(job.point, fp_bops))
-        searched = abs_search(fp, data, target, search_cfg, max_prune=MAX_PRUNE,
+        searched = abs_search(fp, data, target, search_cfg,
+                              max_prune=0.0 if job.method == "abs-noprune" else MAX_PRUNE,
                               refine_epochs=0, lsq_scale=job.method != "abs-nolsq",
                               swap_samples=2048 if job.method == "abs-swap" else 0)
         m = searched
@@ -317,7 +322,8 @@ def run_one(job: Job, budget: Budget, fp_path: str, dep_row: dict | None) -> dic
                  "lam": [h.get("lam") for h in m["history"] if h.get("stage") == "abs"]}
         label = (f"ABS at the BOPs of uniform {job.point}" if "/" in job.point else
                  f"ABS {job.point}") + {"abs-nolsq": " (no LSQ clip scale)",
-                                        "abs-swap": " + swap step"}.get(job.method, "")
+                                        "abs-swap": " + swap step",
+                                        "abs-noprune": ", bits only"}.get(job.method, "")
     elif job.method in ("abs-pinned", "abs-pinned-nolsq"):
         w, a = (int(v) for v in job.point.split("/"))
         searched = abs_search(fp, data, None, search_cfg, max_prune=MAX_PRUNE,
