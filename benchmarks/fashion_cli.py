@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from provenance import provenance, provenance_markdown
+from provenance import provenance, provenance_markdown, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -71,9 +71,7 @@ def main() -> None:
     result = {"commit": prov["commit"], "command": prov["command"], "provenance": prov,
               "steps": steps, "accuracy": acc, "parity": parity,
               "bops": report["totals"], "passed": all(p.get("passed") for p in parity.values())}
-    _write(args.results / "fashion_cli.json", json.dumps(result, indent=1) + "\n")
-    _write(args.results / "fashion_cli.md", _markdown(result))
-    print((args.results / "fashion_cli.md").read_text())
+    write_results(args.results, "fashion_cli", result, _markdown(result))
 
 
 def _markdown(r: dict) -> str:
@@ -91,12 +89,6 @@ def _markdown(r: dict) -> str:
                   for k, v in r["parity"].items()) + ".", "",
               provenance_markdown(r["provenance"])]
     return "\n".join(lines) + "\n"
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

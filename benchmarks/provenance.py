@@ -19,6 +19,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -33,14 +34,24 @@ CODE_PATHS = ("abs_deploy", "benchmarks", ":(exclude)benchmarks/results")
 
 
 def write_results(folder: Path, stem: str, result: dict, markdown: str) -> None:
-    """`stem.json` and `stem.md` in `folder`, each written whole (a temporary name, then
-    renamed: an interrupted run leaves the previous files), and the markdown printed."""
-    for name, text in ((f"{stem}.json", json.dumps(result, indent=1) + "\n"),
-                       (f"{stem}.md", markdown)):
-        tmp = folder / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, folder / name)
+    """`stem.json` and `stem.md` in `folder`, each written whole, and the markdown printed."""
+    write_whole(folder / f"{stem}.json", json.dumps(result, indent=1) + "\n")
+    write_whole(folder / f"{stem}.md", markdown)
     print(markdown)
+
+
+def write_whole(path: Path, text: str) -> None:
+    """`text` into `path` through a temporary name of its own, then renamed: an interrupted run
+    leaves the previous file, and two processes writing never share a temporary file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)            # mkstemp makes it private; results are for everyone
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def provenance(threads: int | None = None) -> dict:

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from provenance import load_note, provenance, provenance_markdown
+from provenance import load_note, provenance, provenance_markdown, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results"
@@ -105,9 +105,7 @@ def main() -> None:
               "ratio_2ddp_vs_1proc_2threads": (rate["2 DDP processes, 1 thread each"]
                                                / rate["1 process, 2 threads"])}
     OUT.mkdir(parents=True, exist_ok=True)
-    _write(OUT / "throughput.json", json.dumps(result, indent=2) + "\n")
-    _write(OUT / "throughput.md", _markdown(result))
-    print(_markdown(result))
+    write_results(OUT, "throughput", result, _markdown(result))
 
 
 def _markdown(r: dict) -> str:
@@ -125,12 +123,6 @@ def _markdown(r: dict) -> str:
         f"(the same 2 cores): **{r['ratio_2ddp_vs_1proc_2threads']:.2f}x**.", "",
         load_note(r["provenance"], r["load_avg_end"], INFLATED), "",
         provenance_markdown(r["provenance"])])
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":
