@@ -56,6 +56,8 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from provenance import write_whole
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
@@ -216,7 +218,7 @@ def ensure_fp(store: Store, budget: Budget) -> Path:
                      "(another machine or thread count?); move the results away to start anew")
         if record is None:
             m = ckpt["metrics"]
-            _atomic_write(record_path, json.dumps({
+            write_whole(record_path, json.dumps({
                 "budget": _fp_budget(budget), "weights_sha256": digest,
                 "top1": m["top1"], "val_top1": m["val_top1"], "fp_bops": m["fp_bops"],
                 "macs": m["macs"], "seconds": time.perf_counter() - t0,
@@ -484,7 +486,7 @@ class Store:
         if rerun:
             self.reruns.mkdir(exist_ok=True)
         path = self.reruns / f"{job.key}.json" if rerun else self.path(job)
-        _atomic_write(path, json.dumps(row, indent=1))
+        write_whole(path, json.dumps(row, indent=1))
 
     def rerun_checks(self, budget: Budget) -> list[dict]:
         """Each rerun beside the cached run it repeats."""
@@ -517,8 +519,8 @@ class Store:
                "points": points, "runs": [{k: v for k, v in r.items() if k != "decision"}
                                           for r in rows],
                "reruns": self.rerun_checks(budget)}
-        _atomic_write(self.results / "pareto.json", json.dumps(out, indent=1))
-        _atomic_write(self.results / "pareto.md", markdown(out))
+        write_whole(self.results / "pareto.json", json.dumps(out, indent=1))
+        write_whole(self.results / "pareto.md", markdown(out))
         plot(out, self.results / "pareto.png")
 
 
@@ -679,18 +681,6 @@ def _weights_digest(ckpt: dict) -> str:
         h.update(k.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)            # mkstemp makes it private; results are for everyone
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _log(msg: str) -> None:
